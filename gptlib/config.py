@@ -1,0 +1,668 @@
+"""Run configuration: dataclasses, YAML presets and strict validation.
+
+A run is one *scale* (``parameters/scales/<name>.yaml``: model shape, dataset, token budget, batch,
+precision) plus zero or more *interventions* (``parameters/interventions/<name>.yaml``: a small
+delta each), a seed and explicit overrides, applied in that order on top of the dataclass defaults.
+The defaults are the baseline of Giles Thomas's "Writing an LLM from scratch, part 32" series
+(GPT-2 small, AdamW lr 4e-4, weight decay 0.1, fp16 AMP, seed 42).
+
+Every problem raises :class:`ConfigError` with a one-line message that names the bad key, value or
+file and lists what is allowed, closest match first -- before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "RunConfig",
+    "PARAMETERS_DIR",
+    "PRECISIONS",
+    "DEVICES",
+    "list_scales",
+    "list_interventions",
+    "resolve_config",
+    "load_config",
+    "save_config",
+    "check_world_size",
+    "validate",
+]
+
+PARAMETERS_DIR = Path(
+    os.environ.get("GPTLIB_PARAMETERS", Path(__file__).resolve().parent.parent / "parameters")
+)
+PRECISIONS = ("fp16", "bf16", "fp32", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+GPT2_VOCAB_SIZE = 50257  # tokens of the GPT-2 encoding; the model must have at least this many
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown name or key, wrong type, impossible value, unreadable file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The configuration dataclasses (defaults = the series' baseline)
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 small, as in Raschka's book; key names match the series' model.json."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False  # share out_head's weight with tok_emb
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and data; key names follow the series' train.json."""
+
+    dataset: str = "builtin:stdlib-docs"  # builtin:<name> | hf:<repo> | a local directory
+    microbatch_size: int = 12  # sequences per rank per forward pass
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = None  # if set: microbatch x world size x GA must equal it
+    checkpoint_interval: int = 617  # optimizer steps
+    min_train_tokens: int = 3_260_190_720  # rounded up to whole global batches; -1 = all
+    start_train_token: int = 0
+    clipping_max_norm: float | None = None  # None = no clipping
+    learning_rate: float = 4e-4  # the peak when scheduled
+    schedule_learning_rate: bool = False  # linear warmup then cosine decay to peak / 10
+    warmup_period_percent: float = 5.0
+    weight_decay: float = 0.1
+    weight_decay_matrices_only: bool = False  # False: one group, decay on every parameter
+    random_seed: int = 42  # seeds model initialisation (and everything, unless training_seed)
+    training_seed: int | None = None  # if set, re-seeded after the model is built
+    precision: str = "fp16"  # fp16 | bf16 | fp32 | auto (bf16 where supported, else fp32)
+    compile: bool | None = None  # None = torch.compile on CUDA only
+    device: str = "auto"  # auto | cpu | cuda
+    max_nonfinite_steps: int = 20  # abort after this many consecutive skipped steps
+    log_interval: int = 10  # progress line every N optimizer steps
+    spike_window: int = 50  # loss-spike detection: rolling window (steps) ...
+    spike_threshold: float = 6.0  # ... and threshold in rolling-MAD multiples
+    collective_timeout_s: int = 600
+
+
+@dataclass
+class EvalConfig:
+    """Test loss on the held-out validation slice and the smoke-test generation."""
+
+    start_token: int = 50_000_000
+    batches: int = 3200  # -1 = the whole split from start_token
+    batch_size: int = 6
+    smoke_prompt: str = "Every effort moves you"
+    smoke_tokens: int = 20
+    smoke_top_k: int = 25  # 0 = no top-k filter
+    smoke_temperature: float = 1.4  # 0 = greedy
+    smoke_seed: int = 123
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+@dataclass
+class RunConfig:
+    """One fully resolved run: scale + interventions + model/train/eval settings."""
+
+    scale: str = "tiny"
+    interventions: list[str] = field(default_factory=list)
+    nproc: int | str = "auto"  # processes per machine: "auto" or >= 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_name(self) -> str:
+        """``baseline`` or the interventions joined by ``+``, with ``-seed<N>`` when not 42."""
+        name = "+".join(self.interventions) or "baseline"
+        if self.train.random_seed != 42:
+            name += f"-seed{self.train.random_seed}"
+        if self.train.training_seed is not None:
+            name += f"-tseed{self.train.training_seed}"
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (what ``config.yaml`` holds)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """YAML text that :func:`load_config` reads back to an equal config."""
+        header = f"# gptlib run config: {self.run_name} (scale {self.scale})\n"
+        return header + yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names, files and messages
+
+
+def list_scales() -> list[str]:
+    """Scale names: the file stems of ``parameters/scales/*.yaml``."""
+    return sorted(p.stem for p in (PARAMETERS_DIR / "scales").glob("*.yaml"))
+
+
+def list_interventions() -> list[str]:
+    """Intervention names: the file stems of ``parameters/interventions/*.yaml``."""
+    return sorted(p.stem for p in (PARAMETERS_DIR / "interventions").glob("*.yaml"))
+
+
+def _ranked(word: str, names: Iterable[str]) -> str:
+    """The valid names, closest to ``word`` first, as one comma-separated string."""
+    names = list(names)
+    close = difflib.get_close_matches(word, names, n=len(names), cutoff=0.5)
+    return ", ".join(close + sorted(n for n in names if n not in close))
+
+
+def _show(path: Path) -> str:
+    """A short form of a path for messages (relative to the repo when inside it)."""
+    try:
+        return str(path.resolve().relative_to(PARAMETERS_DIR.resolve().parent))
+    except ValueError:
+        return str(path)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` ({} for an empty file); a parse error names the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{_show(path)}: invalid YAML: {_one_line(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{_show(path)}: cannot read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{_show(path)}: expected a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Types: check (and gently coerce) one value against a dataclass field's annotation
+
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_TYPE_NAMES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "str"}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """``{field name: annotation}`` of a config dataclass, in declaration order."""
+    return typing.get_type_hints(cls)
+
+
+def _arms(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _fit(value: Any, arm: Any) -> tuple[bool, Any]:
+    """Whether ``value`` is of type ``arm`` (bool is not an int; float takes ints and '4e-4')."""
+    if arm is type(None):
+        return value is None, None
+    if arm is bool:
+        return type(value) is bool, value
+    if arm is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if arm is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok and math.isfinite(value), float(value) if ok else value
+    if arm is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config type {arm!r}")
+
+
+def _coerce(key: str, value: Any, tp: Any, text: bool = False) -> Any:
+    """``value`` checked against ``tp``; with ``text``, a str is read as YAML first ('4' -> 4)."""
+    arms = _arms(tp)
+    candidates = [value]
+    if text and isinstance(value, str):
+        try:
+            candidates.insert(0, yaml.safe_load(value))
+        except yaml.YAMLError:
+            pass
+    for candidate in candidates:
+        for arm in arms:
+            ok, converted = _fit(candidate, arm)
+            if ok:
+                return converted
+    expected = " or ".join(_TYPE_NAMES[a] for a in arms)
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _set_key(
+    cfg: dict[str, Any], section: str, key: str, value: Any, *, source: str, text: bool = False
+) -> None:
+    """Set ``cfg[section][key]`` after checking the key exists and the value's type."""
+    fields = _field_types(SECTIONS[section])
+    if key not in fields:
+        elsewhere = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
+        hint = f" (it is a key of {elsewhere[0]}: {elsewhere[0]}.{key})" if elsewhere else ""
+        raise ConfigError(
+            f"{source}{section}.{key}: unknown key{hint}; "
+            f"allowed keys of {section}: {_ranked(key, fields)}"
+        )
+    try:
+        cfg[section][key] = _coerce(f"{section}.{key}", value, fields[key], text)
+    except ConfigError as e:
+        raise ConfigError(f"{source}{e}") from None
+
+
+def _apply(
+    cfg: dict[str, Any],
+    delta: Mapping[str, Any],
+    *,
+    source: str,
+    allow_nproc: bool,
+    text: bool = False,
+) -> None:
+    """Merge a ``{section: {key: value}}`` delta (scale, intervention, overrides) into ``cfg``."""
+    allowed = [*SECTIONS, "nproc"] if allow_nproc else list(SECTIONS)
+    for section, values in delta.items():
+        if section == "nproc" and allow_nproc:
+            try:
+                cfg["nproc"] = _coerce("nproc", values, int | str, text)
+            except ConfigError as e:
+                raise ConfigError(f"{source}{e}") from None
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}unknown section {section!r}; allowed: {_ranked(str(section), allowed)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}{section}: expected a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            _set_key(cfg, section, str(key), value, source=source, text=text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Values: impossible settings
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{key}={value!r}: not allowed; allowed: {_ranked(value, allowed)}")
+
+
+def _check_types(cfg: RunConfig) -> None:
+    for section, cls in SECTIONS.items():
+        part = getattr(cfg, section)
+        for name, tp in _field_types(cls).items():
+            setattr(part, name, _coerce(f"{section}.{name}", getattr(part, name), tp))
+    cfg.nproc = _coerce("nproc", cfg.nproc, int | str)
+    _require(isinstance(cfg.scale, str) and bool(cfg.scale), f"scale: bad name {cfg.scale!r}")
+    names = cfg.interventions
+    _require(
+        isinstance(names, list) and all(isinstance(n, str) and n for n in names),
+        f"interventions: expected a list of names, got {names!r}",
+    )
+
+
+_POSITIVE = {  # sizes and counts that must be >= 1
+    "model": ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"),
+    "train": (
+        "microbatch_size",
+        "gradient_accumulation_steps",
+        "checkpoint_interval",
+        "max_nonfinite_steps",
+        "log_interval",
+        "spike_window",
+        "collective_timeout_s",
+    ),
+    "eval": ("batch_size", "smoke_tokens"),
+}
+
+
+def _check_values(cfg: RunConfig) -> None:
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    for section, names in _POSITIVE.items():
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            _require(value >= 1, f"{section}.{name}={value} must be >= 1")
+    _require(
+        m.vocab_size >= GPT2_VOCAB_SIZE,
+        f"model.vocab_size={m.vocab_size} must be >= {GPT2_VOCAB_SIZE} (the GPT-2 tokenizer)",
+    )
+    _require(0 <= m.drop_rate < 1, f"model.drop_rate={m.drop_rate} must be in [0, 1)")
+    _require(
+        m.emb_dim % m.n_heads == 0,
+        f"model.emb_dim={m.emb_dim} is not divisible by model.n_heads={m.n_heads}",
+    )
+
+    _require(bool(t.dataset.strip()), "train.dataset must not be empty")
+    _require(
+        t.min_train_tokens == -1 or t.min_train_tokens >= 1,
+        f"train.min_train_tokens={t.min_train_tokens} must be -1 (all available) or >= 1",
+    )
+    _require(
+        t.start_train_token >= 0, f"train.start_train_token={t.start_train_token} must be >= 0"
+    )
+    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _require(
+        0 <= t.warmup_period_percent <= 100,
+        f"train.warmup_period_percent={t.warmup_period_percent} must be in [0, 100]",
+    )
+    _require(
+        t.clipping_max_norm is None or t.clipping_max_norm > 0,
+        f"train.clipping_max_norm={t.clipping_max_norm} must be > 0 (or null for no clipping)",
+    )
+    _require(t.spike_threshold > 0, f"train.spike_threshold={t.spike_threshold} must be > 0")
+    _require(t.random_seed >= 0, f"train.random_seed={t.random_seed} must be >= 0")
+    _require(
+        t.training_seed is None or t.training_seed >= 0,
+        f"train.training_seed={t.training_seed} must be >= 0 (or null)",
+    )
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.device", t.device, DEVICES)
+    if t.global_batch_size is not None:
+        per_rank = t.microbatch_size * t.gradient_accumulation_steps
+        _require(
+            t.global_batch_size >= 1 and t.global_batch_size % per_rank == 0,
+            f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
+            f"train.microbatch_size x train.gradient_accumulation_steps = {per_rank}",
+        )
+
+    _require(e.start_token >= 0, f"eval.start_token={e.start_token} must be >= 0")
+    _require(
+        e.batches == -1 or e.batches >= 1,
+        f"eval.batches={e.batches} must be -1 (the whole split) or >= 1",
+    )
+    _require(e.smoke_top_k >= 0, f"eval.smoke_top_k={e.smoke_top_k} must be >= 0 (0 = no top-k)")
+    _require(
+        e.smoke_temperature >= 0,
+        f"eval.smoke_temperature={e.smoke_temperature} must be >= 0 (0 = greedy)",
+    )
+    _require(bool(e.smoke_prompt), "eval.smoke_prompt must not be empty")
+
+    _require(
+        cfg.nproc == "auto" or (isinstance(cfg.nproc, int) and cfg.nproc >= 1),
+        f"nproc={cfg.nproc!r}: not allowed; allowed: 'auto' or an int >= 1",
+    )
+    duplicates = sorted({n for n in cfg.interventions if cfg.interventions.count(n) > 1})
+    _require(not duplicates, f"interventions: {', '.join(duplicates)} given more than once")
+    if isinstance(cfg.nproc, int):
+        check_world_size(cfg, cfg.nproc)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check types (coercing int -> float) and values of ``cfg`` in place; return it."""
+    _check_types(cfg)
+    _check_values(cfg)
+    return cfg
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """Fail unless microbatch x world_size x GA equals ``train.global_batch_size`` (when set)."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return
+    per_step = t.microbatch_size * world_size
+    total = per_step * t.gradient_accumulation_steps
+    if total == t.global_batch_size:
+        return
+    if t.global_batch_size % per_step == 0:
+        fix = f"set train.gradient_accumulation_steps={t.global_batch_size // per_step}"
+    else:
+        fix = (
+            f"change train.microbatch_size so that it x {world_size} divides "
+            f"{t.global_batch_size}, or unset train.global_batch_size"
+        )
+    raise ConfigError(
+        f"train.global_batch_size={t.global_batch_size} but train.microbatch_size "
+        f"{t.microbatch_size} x world size {world_size} x train.gradient_accumulation_steps "
+        f"{t.gradient_accumulation_steps} = {total}; {fix}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Importing one of the series' run directories (runs/<name>/model.json + train.json)
+
+# Series train.json keys whose name differs here; keys equal to a TrainConfig field map as they are.
+SERIES_TRAIN_KEYS = {
+    "minibatch_size": "microbatch_size",  # the early name
+    "validation_interval": "checkpoint_interval",  # the early name
+}
+# In-training validation knobs of the series; gptlib measures test loss once, at the end (eval.*).
+SERIES_IGNORED_KEYS = ("start_val_token", "validation_batches")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"{_show(path)}: missing; a series run directory holds model.json and train.json"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{_show(path)}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_show(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Apply a series run directory's model.json and train.json to ``cfg``."""
+    model_file, train_file = run_dir / "model.json", run_dir / "train.json"
+    model_json, train_json = _read_json(model_file), _read_json(train_file)
+    _apply(cfg, {"model": model_json}, source=f"{_show(model_file)}: ", allow_nproc=False)
+
+    source = f"{_show(train_file)}: "
+    train_fields = _field_types(TrainConfig)
+    allowed = sorted({*train_fields, *SERIES_TRAIN_KEYS, *SERIES_IGNORED_KEYS, "use_amp"})
+    for key, value in train_json.items():
+        if key in SERIES_IGNORED_KEYS:
+            continue
+        if key == "use_amp":
+            use_amp = _coerce(f"{source}use_amp", value, bool)
+            cfg["train"]["precision"] = "fp16" if use_amp else "fp32"
+            continue
+        if key == "dataset" and isinstance(value, str) and ":" not in value:
+            value = f"hf:{value}"  # the series downloads every dataset from the HF Hub
+        name = SERIES_TRAIN_KEYS.get(key, key)
+        if name not in train_fields:
+            raise ConfigError(f"{source}unknown key {key!r}; allowed: {_ranked(key, allowed)}")
+        _set_key(cfg, "train", name, value, source=source)
+
+    # "8xa100m40-baseline": 8 processes, and the series' global batch follows from that.
+    match = re.match(r"(\d+)x", run_dir.name)
+    if match:
+        cfg["nproc"] = int(match.group(1))
+        t = cfg["train"]
+        t["global_batch_size"] = (
+            t["microbatch_size"] * cfg["nproc"] * t["gradient_accumulation_steps"]
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution: defaults -> scale -> interventions -> seed -> overrides -> nproc
+
+
+def _split_interventions(intervention: str | list[str]) -> list[str]:
+    """``"a+b"`` or ``["a", "b+c"]`` -> validated names, ``baseline`` dropped when combined."""
+    spec = [intervention] if isinstance(intervention, str) else list(intervention)
+    names: list[str] = []
+    for part in spec:
+        if not isinstance(part, str):
+            raise ConfigError(f"intervention: expected a name, got {part!r}")
+        names += [n.strip() for n in part.split("+")]
+    text = "+".join(spec)
+    if not names or any(not n for n in names):
+        raise ConfigError(
+            f"intervention {text!r}: empty name; join names with '+', e.g. "
+            "gradient-clipping+no-dropout"
+        )
+    valid = sorted({*list_interventions(), "baseline"})
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"unknown intervention {name!r}; allowed: {_ranked(name, valid)}")
+        if names.count(name) > 1:
+            raise ConfigError(f"intervention {name!r} is given more than once in {text!r}")
+    return [n for n in names if n != "baseline"]
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | list[str] | str) -> dict[str, Any]:
+    """Overrides as ``{section: {key: value}}`` (plus ``nproc``), from dotted keys."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, str):
+        parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
+        overrides = parsed if isinstance(parsed, dict) else overrides.split()
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(
+                    f"override {item!r}: expected key=value, e.g. model.n_layers=2 or nproc=2"
+                )
+            key, value = item.split("=", 1)
+            items.append((key.strip(), value.strip()))
+
+    delta: dict[str, Any] = {}
+    for key, value in items:
+        key = str(key)
+        if key in SECTIONS and isinstance(value, Mapping):
+            delta.setdefault(key, {}).update(value)
+        elif key in SECTIONS or key == "nproc":
+            delta[key] = value
+        elif "." in key:
+            section, name = key.split(".", 1)
+            delta.setdefault(section, {})[name] = value
+        else:
+            dotted = ["nproc"] + [f"{s}.{n}" for s, c in SECTIONS.items() for n in _field_types(c)]
+            bare = {d.split(".")[-1]: d for d in dotted}
+            close = [bare[n] for n in difflib.get_close_matches(key, bare, n=3, cutoff=0.5)]
+            raise ConfigError(
+                f"override {key!r}: unknown key; use section.key, closest: "
+                f"{', '.join(close) or 'none'}; sections: {', '.join(SECTIONS)}, or nproc"
+            )
+    return delta
+
+
+def resolve_config(
+    scale: str = "tiny",
+    intervention: str | list[str] = "baseline",
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | list[str] | str | None = None,
+    nproc: int | str | None = None,
+) -> RunConfig:
+    """The validated config of one run.
+
+    ``scale`` is a name from :func:`list_scales` or a directory holding one of the series' runs
+    (``model.json`` + ``train.json``). ``intervention`` is ``"baseline"``, a name, or names joined
+    by ``+`` (applied in order; later ones win). ``overrides`` take dotted keys, as a dict
+    (``{"model.n_layers": 2}``) or a list (``["train.microbatch_size=4", "nproc=2"]``); string
+    values are read as YAML (``"4"`` -> 4, ``"null"`` -> None, ``"true"`` -> True).
+    """
+    cfg: dict[str, Any] = RunConfig().to_dict()
+    if not isinstance(scale, str) or not scale:
+        raise ConfigError(f"scale: expected a name, got {scale!r}")
+    scales = list_scales()
+    if scale in scales:
+        path = PARAMETERS_DIR / "scales" / f"{scale}.yaml"
+        _apply(cfg, _read_yaml(path), source=f"{_show(path)}: ", allow_nproc=True)
+        cfg["scale"] = scale
+    elif Path(scale).is_dir():
+        _import_series_run(Path(scale), cfg)
+        cfg["scale"] = Path(scale).resolve().name
+    else:
+        raise ConfigError(
+            f"unknown scale {scale!r}; allowed: {_ranked(scale, scales)} "
+            "(or a directory with the series' model.json + train.json)"
+        )
+
+    cfg["interventions"] = _split_interventions(intervention)
+    for name in cfg["interventions"]:
+        path = PARAMETERS_DIR / "interventions" / f"{name}.yaml"
+        _apply(cfg, _read_yaml(path), source=f"{_show(path)}: ", allow_nproc=False)
+
+    if seed is not None:
+        cfg["train"]["random_seed"] = _coerce("seed", seed, int, text=True)
+    if overrides:
+        _apply(cfg, _parse_overrides(overrides), source="overrides: ", allow_nproc=True, text=True)
+    if nproc is not None:
+        cfg["nproc"] = _coerce("nproc", nproc, int | str, text=True)
+    return _from_dict(cfg)
+
+
+def _from_dict(data: dict[str, Any]) -> RunConfig:
+    sections = {name: cls(**data[name]) for name, cls in SECTIONS.items()}
+    top = {k: data[k] for k in ("scale", "interventions", "nproc")}
+    return validate(RunConfig(**top, **sections))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a ``config.yaml`` written by :meth:`RunConfig.to_yaml` and validate it again."""
+    path = Path(path)
+    data = _read_yaml(path)
+    source = f"{_show(path)}: "
+    top = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in data:
+        if key not in top:
+            raise ConfigError(f"{source}unknown key {key!r}; allowed: {_ranked(str(key), top)}")
+    cfg = RunConfig().to_dict()
+    _apply(
+        cfg,
+        {k: v for k, v in data.items() if k in [*SECTIONS, "nproc"]},
+        source=source,
+        allow_nproc=True,
+    )
+    cfg["scale"] = data.get("scale", cfg["scale"])
+    cfg["interventions"] = data.get("interventions") or []
+    try:
+        return _from_dict(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}{e}") from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML to ``path`` atomically (temp file + rename); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(cfg.to_yaml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

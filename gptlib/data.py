@@ -1,0 +1,735 @@
+"""Token data: token files, per-rank batch reads, the built-in corpus and preparing datasets.
+
+A token file is a safetensors file holding one 1-D tensor `tokens` (uint16 when every id fits,
+else int32); documents are separated by `<|endoftext|>` (50256). A dataset is a directory with
+`train.safetensors` and `validation.safetensors`, the layout of the HF dataset
+`gpjt/fineweb-gpt2-tokens`.
+
+Reads are memory-mapped slices, so a rank never holds a whole split in memory. The training stream
+is cut into blocks of `microbatch_size` contiguous context-length windows; accumulation step `a`
+of optimizer step `s` on rank `r` reads block `(s * GA + a) * world_size + r`, so where the data
+comes from is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import sysconfig
+import time
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from gptlib.tokenizer import ENCODER_JSON_SHA256, EOT_TOKEN, VOCAB_BPE_SHA256, get_tokenizer
+
+SPLITS = ("train", "validation")
+DATASET_FILES = tuple(f"{split}.safetensors" for split in SPLITS)
+BUILTIN_STDLIB_DOCS = "builtin:stdlib-docs"
+DATASET_FORMS = (
+    f"`{BUILTIN_STDLIB_DOCS}`, `hf:<owner/repo>`, "
+    "or a directory with train.safetensors and validation.safetensors"
+)
+
+# safetensors dtype codes we read, and the numpy dtypes we write them with.
+_READ_DTYPES = {"U16": np.uint16, "I32": np.int32, "I64": np.int64}
+_WRITE_CODES = {np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32"}
+
+
+class DataError(ValueError):
+    """A user-facing data problem: names the bad file, key or value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Token files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_tokens_atomic(path: Path, chunks: Iterable[np.ndarray], n: int, dtype: Any) -> None:
+    """Stream `n` tokens from `chunks` into a safetensors file at `path` (tmp file + rename).
+
+    The safetensors format is an 8-byte little-endian header size, a JSON header (padded to a
+    multiple of 8) and the raw little-endian tensor bytes; writing it by hand lets a dataset much
+    larger than memory be written chunk by chunk.
+    """
+    dtype = np.dtype(dtype).newbyteorder("<")
+    header = {
+        "tokens": {
+            "dtype": _WRITE_CODES[np.dtype(dtype.type)],
+            "shape": [n],
+            "data_offsets": [0, n * dtype.itemsize],
+        }
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        written = 0
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for chunk in chunks:
+                f.write(np.ascontiguousarray(chunk, dtype=dtype).data)
+                written += len(chunk)
+        if written != n:
+            raise RuntimeError(f"wrote {written} tokens to {path}, expected {n}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_token_file(path: str | Path, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> Path:
+    """Write 1-D token ids to a token file atomically: uint16 if they all fit, else int32."""
+    path = Path(path)
+    if isinstance(tokens, torch.Tensor):
+        array = tokens.detach().cpu().to(torch.int64).numpy()
+    else:
+        array = np.asarray(tokens)
+    if array.ndim != 1 or array.size == 0:
+        raise DataError(
+            f"tokens for {path} must be a non-empty 1-D sequence, got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"tokens for {path} must be integer ids, got dtype {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= 2**31:
+        raise DataError(f"tokens for {path} must lie in [0, 2**31), got values in [{low}, {high}]")
+    dtype = np.uint16 if high < 2**16 else np.int32
+    _write_tokens_atomic(path, [array], len(array), dtype)
+    return path
+
+
+class TokenFile:
+    """A memory-mapped, validated token file; `read` copies out one slice as int64."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"token file {self.path} does not exist")
+        try:
+            self._handle = safe_open(str(self.path), framework="numpy")
+        except SafetensorError as e:
+            raise DataError(f"token file {self.path} is not a safetensors file ({e})") from e
+        keys = list(self._handle.keys())
+        if "tokens" not in keys:
+            raise DataError(
+                f"token file {self.path} has no tensor `tokens` (it has {keys}); "
+                "expected one 1-D integer tensor named `tokens`"
+            )
+        self._tokens = self._handle.get_slice("tokens")
+        shape, self.dtype = self._tokens.get_shape(), self._tokens.get_dtype()
+        if len(shape) != 1:
+            raise DataError(f"token file {self.path}: `tokens` has shape {shape}; expected 1-D")
+        if self.dtype not in _READ_DTYPES:
+            allowed = ", ".join(_READ_DTYPES)
+            raise DataError(
+                f"token file {self.path}: `tokens` has dtype {self.dtype}; allowed: {allowed}"
+            )
+        if shape[0] == 0:
+            raise DataError(f"token file {self.path}: `tokens` is empty")
+        self._len = int(shape[0])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r}, tokens={self._len:,}, dtype={self.dtype})"
+
+    def read(self, start: int, length: int) -> torch.Tensor:
+        """Tokens [start, start + length) as a new int64 tensor (only that slice is read)."""
+        if start < 0 or length < 0 or start + length > self._len:
+            raise DataError(
+                f"cannot read tokens [{start}, {start + length}) from {self.path}: "
+                f"it has {self._len:,} tokens"
+            )
+        return torch.from_numpy(self._tokens[start : start + length].astype(np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and the token budget
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_positive(**values: int) -> None:
+    """Raise DataError naming the first value that is not a positive integer."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"{key} must be a positive integer, got {value!r}")
+
+
+class BatchReader:
+    """Reads one rank's micro-batches by (step, accumulation step, rank): a pure function."""
+
+    def __init__(
+        self,
+        token_file: TokenFile,
+        microbatch_size: int,
+        context_length: int,
+        gradient_accumulation_steps: int,
+        world_size: int,
+        start_token: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        _check_positive(
+            microbatch_size=microbatch_size,
+            context_length=context_length,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            world_size=world_size,
+        )
+        if not 0 <= start_token < len(token_file):
+            raise DataError(
+                f"start_token {start_token} is outside {token_file.path} "
+                f"({len(token_file):,} tokens)"
+            )
+        self.token_file = token_file
+        self.microbatch_size = microbatch_size
+        self.context_length = context_length
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.world_size = world_size
+        self.start_token = start_token
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.block_tokens = microbatch_size * context_length
+        self.global_batch_tokens = self.block_tokens * gradient_accumulation_steps * world_size
+
+    @property
+    def max_steps(self) -> int:
+        """How many whole optimizer steps the file holds after `start_token`."""
+        return (len(self.token_file) - self.start_token - 1) // self.global_batch_tokens
+
+    def block_index(self, step: int, accum: int, rank: int) -> int:
+        """The block read by accumulation step `accum` of optimizer step `step` on `rank`."""
+        if step < 0 or not 0 <= accum < self.gradient_accumulation_steps:
+            raise DataError(
+                f"step {step} / accumulation step {accum} out of range "
+                f"(gradient_accumulation_steps={self.gradient_accumulation_steps})"
+            )
+        if not 0 <= rank < self.world_size:
+            raise DataError(f"rank {rank} out of range for world_size {self.world_size}")
+        return (step * self.gradient_accumulation_steps + accum) * self.world_size + rank
+
+    def get(self, step: int, accum: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 [microbatch_size, context_length]; targets shifted by one."""
+        start = self.start_token + self.block_index(step, accum, rank) * self.block_tokens
+        stop = start + self.block_tokens + 1
+        if stop > len(self.token_file):
+            raise DataError(
+                f"step {step} (accumulation step {accum}, rank {rank}) needs tokens "
+                f"[{start:,}, {stop:,}) but {self.token_file.path} has {len(self.token_file):,}; "
+                "lower the token budget or use a larger dataset"
+            )
+        tokens = self.token_file.read(start, stop - start)
+        if self.pin_memory:
+            tokens = tokens.pin_memory()
+        shape = (self.microbatch_size, self.context_length)
+        return tokens[:-1].view(shape), tokens[1:].view(shape)
+
+    def window_indices(self, step: int, accum: int, rank: int) -> list[int]:
+        """Global numbers of the context windows in that micro-batch (for spike forensics)."""
+        first = self.block_index(step, accum, rank) * self.microbatch_size
+        return list(range(first, first + self.microbatch_size))
+
+    def window_tokens(self, window: int) -> torch.Tensor:
+        """The context_length + 1 tokens of window `window` (inputs plus the last target)."""
+        if window < 0:
+            raise DataError(f"window {window} must be >= 0")
+        start = self.start_token + window * self.context_length
+        return self.token_file.read(start, self.context_length + 1)
+
+
+def global_batch_tokens(
+    microbatch_size: int, context_length: int, gradient_accumulation_steps: int, world_size: int
+) -> int:
+    """Tokens per optimizer step: micro-batch x context x accumulation steps x ranks."""
+    return microbatch_size * context_length * gradient_accumulation_steps * world_size
+
+
+def token_budget(
+    min_train_tokens: int,
+    global_batch_tokens: int,
+    available_tokens: int,
+    start_train_token: int = 0,
+) -> tuple[int, int]:
+    """(optimizer_steps, tokens_needed) for a run of at least `min_train_tokens` tokens.
+
+    The budget is rounded up to whole global batches; tokens_needed = steps * batch + 1 (the extra
+    token is the last target). min_train_tokens == -1 means "every available token".
+    """
+    if min_train_tokens < -1 or min_train_tokens == 0:
+        raise DataError(
+            f"train.min_train_tokens must be a positive token count or -1 (all available), "
+            f"got {min_train_tokens}"
+        )
+    _check_positive(global_batch_tokens=global_batch_tokens)
+    if not 0 <= start_train_token < available_tokens:
+        raise DataError(
+            f"train.start_train_token {start_train_token:,} is past the end of the training split "
+            f"({available_tokens:,} tokens)"
+        )
+    usable = available_tokens - start_train_token
+    if min_train_tokens == -1:
+        steps = (usable - 1) // global_batch_tokens
+        if steps == 0:
+            raise DataError(
+                f"the training split has {usable:,} tokens from start_train_token "
+                f"{start_train_token:,}, less than one global batch ({global_batch_tokens:,} + 1); "
+                "lower train.microbatch_size, train.gradient_accumulation_steps or "
+                "model.context_length"
+            )
+        return steps, steps * global_batch_tokens + 1
+    steps = math.ceil(min_train_tokens / global_batch_tokens)
+    needed = steps * global_batch_tokens + 1
+    if needed > usable:
+        raise DataError(
+            f"dataset too small: the training split has {usable:,} tokens from start_train_token "
+            f"{start_train_token:,}, the run needs {needed:,} ({steps:,} steps x "
+            f"{global_batch_tokens:,} + 1); lower train.min_train_tokens (-1 uses all there is)"
+        )
+    return steps, needed
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset sources: builtin:stdlib-docs, hf:<repo>, a directory
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`$GPTLIB_CACHE`, else `~/.cache/gptlib`."""
+    return Path(os.environ.get("GPTLIB_CACHE") or Path.home() / ".cache" / "gptlib").expanduser()
+
+
+def _missing_files(directory: Path) -> list[str]:
+    return [name for name in DATASET_FILES if not (directory / name).is_file()]
+
+
+def resolve_dataset(spec: str, cache_dir: Path | None = None) -> Path:
+    """The directory holding train/validation token files for a dataset spec (fetch/build it)."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    if spec == BUILTIN_STDLIB_DOCS:
+        return build_stdlib_docs(cache_dir)
+    if spec.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset {spec!r}; the only one is {BUILTIN_STDLIB_DOCS}")
+    if spec.startswith("hf:"):
+        return _resolve_hf(spec[3:], cache_dir)
+    directory = Path(spec).expanduser()
+    if not directory.is_dir():
+        raise DataError(f"dataset {spec!r} is not a directory or known source; use {DATASET_FORMS}")
+    missing = _missing_files(directory)
+    if missing:
+        raise DataError(
+            f"dataset directory {directory} lacks {', '.join(missing)}; use {DATASET_FORMS}"
+        )
+    return directory
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
+    """Download a dataset repo's two token files (or reuse them) into the cache."""
+    owner, _, name = repo_id.partition("/")
+    if not owner or not name or "/" in name:
+        raise DataError(f"dataset hf:{repo_id!r} must name a repository as hf:<owner>/<name>")
+    local_dir = cache_dir / "datasets" / "hf" / f"{owner}--{name}"
+    if not _missing_files(local_dir):
+        return local_dir
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
+        raise DataError(
+            f"hf:{repo_id} is not cached and HF_HUB_OFFLINE is set: download "
+            f"{' and '.join(DATASET_FILES)} of dataset {repo_id} into {local_dir}, "
+            "or unset HF_HUB_OFFLINE"
+        )
+    try:
+        snapshot_download(
+            repo_id=repo_id,
+            repo_type="dataset",
+            allow_patterns=list(DATASET_FILES),
+            local_dir=local_dir,
+        )
+    except Exception as e:  # network, authentication, unknown repository ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"could not download dataset hf:{repo_id} into {local_dir}: "
+            f"{type(e).__name__}: {reason}"
+        ) from e
+    missing = _missing_files(local_dir)
+    if missing:
+        raise DataError(f"dataset hf:{repo_id} has no {', '.join(missing)} at its top level")
+    return local_dir
+
+
+def dataset_split(spec_or_dir: str | Path, split: str, cache_dir: Path | None = None) -> TokenFile:
+    """Open split `train` or `validation` of a dataset spec or directory."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return TokenFile(resolve_dataset(str(spec_or_dir), cache_dir) / f"{split}.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising documents into a dataset directory (shared by the built-in corpus and `prepare`)
+# ---------------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of non-blank documents, each followed by EOT, and each document's token count."""
+    encoding = get_tokenizer()
+    docs = [encoding.encode_ordinary(text) + [EOT_TOKEN] for text in texts if text.strip()]
+    lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
+    tokens = [np.array(doc, dtype=np.uint16) for doc in docs]
+    return (np.concatenate(tokens) if tokens else np.zeros(0, np.uint16)), lengths
+
+
+def _map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """map(fn, items) in order over a process pool, keeping at most 2 x workers tasks in flight."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _batched(
+    docs: Iterable[str], max_docs: int = 512, max_chars: int = 4_000_000
+) -> Iterator[list[str]]:
+    """Group documents into lists of at most max_docs documents / about max_chars characters."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _validation_start(doc_ends: np.ndarray, target_tokens: int) -> int:
+    """Token index where validation starts: the last documents holding >= target_tokens.
+
+    Splits on a document boundary and keeps at least one document on each side.
+    """
+    total = int(doc_ends[-1])
+    boundaries = doc_ends[:-1]
+    i = int(np.searchsorted(boundaries, total - target_tokens, side="right")) - 1
+    return int(boundaries[max(i, 0)])
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _tokenize_into(
+    out_dir: Path,
+    batches: Iterable[list[str]],
+    validation_fraction: float,
+    min_validation_tokens: int,
+    workers: int,
+    progress: bool,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Tokenise document batches into out_dir/{train,validation}.safetensors + meta.json.
+
+    Tokens stream to a raw temporary file, so memory stays bounded however big the input is.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw_path = out_dir / f".tokens-{uuid.uuid4().hex}.tmp"
+    lengths: list[np.ndarray] = []
+    n_docs = n_tokens = 0
+    started = last_report = time.monotonic()
+    get_tokenizer()  # build it once here, so forked workers inherit it
+    try:
+        with open(raw_path, "wb") as raw:
+            for tokens, doc_lengths in _map_ordered(_encode_documents, batches, workers):
+                raw.write(tokens.data)
+                lengths.append(doc_lengths)
+                n_docs += len(doc_lengths)
+                n_tokens += len(tokens)
+                if progress and time.monotonic() - last_report >= 10:
+                    last_report = time.monotonic()
+                    elapsed = last_report - started
+                    print(
+                        f"prepare: {n_docs:,} documents, {n_tokens:,} tokens "
+                        f"({n_docs / elapsed:,.0f} docs/s, {n_tokens / elapsed:,.0f} tokens/s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        if n_docs < 2:
+            raise DataError(
+                f"found {n_docs} non-empty documents for {out_dir}; need at least 2 "
+                "(one for train, one for validation)"
+            )
+        doc_ends = np.cumsum(np.concatenate(lengths))
+        target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
+        split = _validation_start(doc_ends, target)
+        tokens = np.memmap(raw_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+        chunk = 1 << 24
+        for name, lo, hi in (("train", 0, split), ("validation", split, n_tokens)):
+            chunks = (tokens[i : min(i + chunk, hi)] for i in range(lo, hi, chunk))
+            _write_tokens_atomic(out_dir / f"{name}.safetensors", chunks, hi - lo, np.uint16)
+        del tokens
+    finally:
+        raw_path.unlink(missing_ok=True)
+    train_docs = int(np.searchsorted(doc_ends, split, side="right"))
+    result = {
+        **meta,
+        "tokenizer": "gpt2",
+        "dtype": "uint16",
+        "documents": n_docs,
+        "train_documents": train_docs,
+        "validation_documents": n_docs - train_docs,
+        "train_tokens": split,
+        "validation_tokens": n_tokens - split,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    _write_json_atomic(out_dir / "meta.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in corpus: Python's own documentation
+# ---------------------------------------------------------------------------------------------
+
+STDLIB_CORPUS_VERSION = 1
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _stdlib_sources(stdlib: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of the standard library's .py files, sorted by path."""
+    sources = []
+    for root, dirs, files in os.walk(stdlib):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP_DIRS]
+        for name in files:
+            if name.endswith(".py"):
+                path = Path(root, name)
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                sources.append(
+                    (path.relative_to(stdlib).as_posix(), stat.st_size, stat.st_mtime_ns)
+                )
+    return sorted(sources)
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    """Docstrings of a module and of every class and function inside it, in source order."""
+    if isinstance(node, _DOC_NODES):
+        doc = ast.get_docstring(node)
+        if doc:
+            yield doc
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, ast.expr):  # no definitions inside expressions
+            yield from _docstrings(child)
+
+
+def _files_docstrings(paths: list[Path]) -> list[str]:
+    """Docstrings of several source files, parsed (never imported); unparsable files skipped."""
+    docs: list[str] = []
+    for path in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # SyntaxWarnings about old escape sequences
+                tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (OSError, SyntaxError, ValueError, RecursionError):
+            continue
+        docs.extend(_docstrings(tree))
+    return docs
+
+
+def stdlib_documents(stdlib: Path | None = None, workers: int = 1) -> Iterator[str]:
+    """The corpus documents: every pydoc topic (sorted by key), then stdlib docstrings.
+
+    Docstrings come from the standard library's .py files sorted by relative path, parsed on
+    `workers` processes.
+    """
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key]
+    stdlib = Path(sysconfig.get_paths()["stdlib"]) if stdlib is None else stdlib
+    paths = [stdlib / rel for rel, _, _ in _stdlib_sources(stdlib)]
+    chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
+    for docs in _map_ordered(_files_docstrings, chunks, workers):
+        yield from docs
+
+
+def _stdlib_fingerprint(stdlib: Path) -> str:
+    """Short hash of what the corpus depends on: Python, builder version, tokenizer, sources."""
+    key = {
+        "python": sys.version,
+        "builder": STDLIB_CORPUS_VERSION,
+        "tokenizer": [VOCAB_BPE_SHA256, ENCODER_JSON_SHA256],
+        "stdlib": str(stdlib),
+        "sources": _stdlib_sources(stdlib),
+    }
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished tmp dir to final; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+
+
+def build_stdlib_docs(cache_dir: Path | None = None) -> Path:
+    """The `builtin:stdlib-docs` dataset directory, built on first use and reused afterwards."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    fingerprint = _stdlib_fingerprint(stdlib)
+    final = cache_dir / "datasets" / f"stdlib-docs-{fingerprint}"
+    if (final / "meta.json").is_file():
+        return final
+    if final.exists():  # an incomplete leftover (never produced by this function): rebuild
+        shutil.rmtree(final)
+    print(f"gptlib: building {BUILTIN_STDLIB_DOCS} into {final} ...", file=sys.stderr, flush=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        meta = _tokenize_into(
+            tmp,
+            _batched(stdlib_documents(stdlib, workers=min(os.cpu_count() or 1, 8))),
+            validation_fraction=0.05,
+            min_validation_tokens=30_000,
+            workers=1,
+            progress=False,
+            meta={"source": BUILTIN_STDLIB_DOCS, "fingerprint": fingerprint},
+        )
+        _publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"gptlib: {BUILTIN_STDLIB_DOCS}: {meta['documents']:,} documents, "
+        f"{meta['train_tokens']:,} train + {meta['validation_tokens']:,} validation tokens "
+        f"in {meta['seconds']:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_dataset: token files from .txt / .parquet documents
+# ---------------------------------------------------------------------------------------------
+
+_INPUT_SUFFIXES = (".txt", ".parquet")
+
+
+def _input_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand inputs (files, or directories searched for .txt/.parquet) and check them."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix in _INPUT_SUFFIXES)
+        elif not path.exists():
+            raise DataError(f"input {path} does not exist")
+        elif path.suffix not in _INPUT_SUFFIXES:
+            raise DataError(
+                f"input {path} has an unsupported type; allowed: .txt (one document per file), "
+                ".parquet (one document per row of its `text` column)"
+            )
+        else:
+            files.append(path)
+    if not files:
+        raise DataError("no input files (.txt or .parquet) given")
+    if any(f.suffix == ".parquet" for f in files):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError("reading .parquet inputs needs pyarrow: pip install pyarrow") from e
+        for f in files:
+            if f.suffix == ".parquet" and "text" not in pq.ParquetFile(f).schema_arrow.names:
+                raise DataError(f"parquet file {f} has no `text` column")
+    return files
+
+
+def _read_documents(files: list[Path]) -> Iterator[str]:
+    """Documents of the input files in order: a whole .txt file, or each parquet `text` row."""
+    for path in files:
+        if path.suffix == ".txt":
+            try:
+                yield path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"input {path} is not valid UTF-8 text ({e.reason})") from e
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text"]):
+                yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def prepare_dataset(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    validation_fraction: float = 0.01,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build a token dataset directory from .txt files and/or parquet files with a `text` column.
+
+    Documents are tokenised in parallel, each followed by EOT; the last `validation_fraction` of
+    the tokens (on a document boundary, at least one document) becomes the validation split.
+    Returns the counts also written to meta.json.
+    """
+    if not 0 < validation_fraction < 1:
+        raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    _check_positive(workers=workers)
+    files = _input_files(inputs)
+    out_dir = Path(out_dir)
+    if progress:
+        print(
+            f"prepare: tokenising {len(files)} files with {workers} workers into {out_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+    result = _tokenize_into(
+        out_dir,
+        _batched(_read_documents(files)),
+        validation_fraction=validation_fraction,
+        min_validation_tokens=1,
+        workers=workers,
+        progress=progress,
+        meta={"source": [str(f) for f in files]},
+    )
+    if progress:
+        print(
+            f"prepare: {result['documents']:,} documents -> {result['train_tokens']:,} train + "
+            f"{result['validation_tokens']:,} validation tokens in {result['seconds']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return result

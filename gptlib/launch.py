@@ -1,0 +1,208 @@
+"""Start a training run under torchrun from the CLI or a notebook, stream rank 0's progress, and turn
+any worker failure into one clear error with that rank's last log lines.
+
+Everything that can be checked before the workers start is checked here (config, world size,
+precision, dataset, token budget, resume target, an existing run), so a bad input costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gptlib import checkpoint as ckpt
+from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
+from gptlib.data import TokenFile, resolve_dataset, token_budget
+from gptlib.train import pick_device, resolve_precision, write_summary
+
+DEFAULT_OUTPUTS = Path("outputs")
+# Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
+# which papermill may be writing at that moment).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs")
+TERMINATE_GRACE_S = 10
+
+
+class LaunchError(RuntimeError):
+    """A run that failed or could not start; the message says which rank and why."""
+
+
+def resolve_nproc(nproc: int | str) -> int:
+    """`auto` = one process per visible GPU, or one process on a CPU-only machine."""
+    if nproc == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(nproc)
+
+
+def default_run_dir(cfg: RunConfig, outputs: Path = DEFAULT_OUTPUTS) -> Path:
+    return outputs / Path(cfg.scale).name / cfg.run_name
+
+
+def prepare_run(
+    scale: str = "tiny",
+    intervention: str | list[str] = "baseline",
+    seed: int | None = None,
+    overrides: dict | list[str] | None = None,
+    nproc: int | str | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> tuple[RunConfig, Path, int]:
+    """Resolve and validate everything, write `config.yaml`; returns (config, run dir, nproc)."""
+    cfg = resolve_config(scale, intervention, seed=seed, overrides=overrides, nproc=nproc)
+    world_size = resolve_nproc(cfg.nproc)
+    check_world_size(cfg, world_size)
+    if cfg.train.device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ConfigError(f"nproc={world_size} but only {torch.cuda.device_count()} GPUs are visible")
+    cfg.train.precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
+    dataset = resolve_dataset(cfg.train.dataset)
+    t = cfg.train
+    token_budget(t.min_train_tokens,
+                 t.microbatch_size * cfg.model.context_length * t.gradient_accumulation_steps
+                 * world_size, len(TokenFile(dataset / "train.safetensors")), t.start_train_token)
+
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    config_path = run_dir / "config.yaml"
+    if resume:
+        ckpt.resolve_checkpoint(run_dir, resume)
+        stored = load_config(config_path)
+        if stored.to_dict() != cfg.to_dict():
+            changed = sorted(_differences(stored.to_dict(), cfg.to_dict()))
+            raise ConfigError(f"cannot resume {run_dir}: its config.yaml differs in "
+                              f"{', '.join(changed)}; resume with the same settings")
+        return cfg, run_dir, world_size
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if existing and not overwrite:
+        status = _status(run_dir)
+        raise ConfigError(
+            f"{run_dir} already holds a run (status: {status}); pass --resume latest to continue "
+            "it or --overwrite to start again"
+        )
+    for name in existing:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text_atomic(config_path, cfg.to_yaml())
+    return cfg, run_dir, world_size
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "no summary"
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for key in keys:
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            out.append(prefix + key)
+    return out
+
+
+def torchrun_command(run_dir: Path, nproc: int, resume: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "gptlib.train", "--config",
+           str(run_dir / "config.yaml")]
+    return cmd + (["--resume", resume] if resume else [])
+
+
+def failing_rank(output: list[str]) -> int | None:
+    """The rank torchrun names as the root cause, or the first `[rank N]` error line."""
+    text = "\n".join(output)
+    root = text.split("Root Cause", 1)[-1] if "Root Cause" in text else ""
+    match = re.search(r"rank\s*:\s*(\d+)", root) or re.search(r"^\[rank (\d+)\]", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate torchrun and every worker (they share its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(TERMINATE_GRACE_S)
+            # Workers may outlive the agent briefly; make sure the group is gone.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+        return
+
+
+def launch(
+    run_dir: str | Path,
+    nproc: int,
+    resume: str | None = None,
+    on_line: Callable[[str], None] | None = None,
+) -> dict:
+    """Run `python -m gptlib.train` under torchrun for a prepared run directory.
+
+    Streams every output line to `on_line` (print by default); returns summary.json's content.
+    Raises LaunchError naming the failed rank, with its last log lines; never leaves workers behind,
+    also when interrupted (KeyboardInterrupt)."""
+    run_dir = Path(run_dir)
+    on_line = on_line or (lambda line: print(line, flush=True))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not torch.cuda.is_available() and nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.Popen(
+        torchrun_command(run_dir, nproc, resume), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True,
+    )
+    tail: deque[str] = deque(maxlen=200)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+        returncode = proc.wait()
+    except BaseException:
+        _stop(proc)
+        write_summary(run_dir, {"status": "failed", "error": "interrupted"})
+        raise
+    _stop(proc)
+    if returncode != 0:
+        rank = failing_rank(list(tail))
+        log = run_dir / "logs" / f"rank-{rank}.log"
+        last = log.read_text().splitlines()[-15:] if log.exists() else list(tail)[-15:]
+        error = next((line for line in reversed(tail) if line.startswith("[rank ")), None)
+        message = (f"training failed on rank {rank if rank is not None else '?'} "
+                   f"(exit code {returncode})" + (f": {error}" if error else ""))
+        write_summary(run_dir, {"status": "failed", "error": message})
+        raise LaunchError(message + "\nlast log lines:\n" + "\n".join(last))
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def run_training(
+    scale: str = "tiny",
+    intervention: str | list[str] = "baseline",
+    seed: int | None = None,
+    overrides: dict | list[str] | None = None,
+    nproc: int | str | None = None,
+    run_dir: str | Path | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> dict:
+    """Prepare and launch one run; the function the CLI and train.ipynb call."""
+    _, path, world_size = prepare_run(scale, intervention, seed, overrides, nproc, run_dir,
+                                      resume, overwrite)
+    return launch(path, world_size, resume, on_line)

@@ -1,0 +1,122 @@
+"""Per-step records, checkpoint-period aggregates, loss-spike detection and hardware peaks.
+
+The training loop and the charts share these functions, so a chart computed from `metrics.jsonl`
+shows exactly the aggregates the loop stored in each checkpoint's `meta.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+# Dense peak FLOP/s per device for 16-bit (fp16/bf16) tensor-core math and for fp32 (TF32 off).
+# Sources: NVIDIA A100, H100 SXM, H200 and RTX 3090 data sheets.
+PEAK_FLOPS = {
+    "A100": {"16bit": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+    "H100": {"16bit": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "H200": {"16bit": 989e12, "tf32": 494e12, "fp32": 67e12},
+    "RTX 3090": {"16bit": 71e12, "tf32": 35.6e12, "fp32": 35.6e12},
+    "RTX 4090": {"16bit": 165e12, "tf32": 82.6e12, "fp32": 82.6e12},
+}
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All per-step records of a run (an unfinished last line, from a crash, is ignored)."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def aggregate_period(records: Iterable[dict]) -> dict:
+    """Loss min/avg/max, grad-norm max/avg, fraction clipped and last LR of a checkpoint period.
+
+    Skipped (non-finite) steps count in `skipped` but not in the loss and grad-norm statistics."""
+    records = list(records)
+    finite = [r for r in records if not r["skipped"]]
+    losses = [r["loss"] for r in finite]
+    norms = [r["grad_norm"] for r in finite]
+    return {
+        "first_step": records[0]["step"],
+        "last_step": records[-1]["step"],
+        "loss_min": min(losses) if losses else None,
+        "loss_avg": sum(losses) / len(losses) if losses else None,
+        "loss_max": max(losses) if losses else None,
+        "grad_norm_max": max(norms) if norms else None,
+        "grad_norm_avg": sum(norms) / len(norms) if norms else None,
+        "clipped_fraction": sum(r["clipped"] for r in records) / len(records),
+        "skipped": sum(r["skipped"] for r in records),
+        "lr": records[-1]["lr"],
+    }
+
+
+def periods(records: list[dict], checkpoint_interval: int) -> list[dict]:
+    """Split per-step records into checkpoint periods (the last may be shorter) and aggregate each."""
+    return [
+        aggregate_period(records[i : i + checkpoint_interval])
+        for i in range(0, len(records), checkpoint_interval)
+    ]
+
+
+class SpikeDetector:
+    """Flags a loss more than `threshold` rolling MADs above the rolling median of the previous
+    `window` finite losses. Median and MAD ignore the spikes themselves, so one spike does not
+    hide the next; nothing is flagged until the window has filled."""
+
+    def __init__(self, window: int, threshold: float):
+        self.threshold = threshold
+        self.history: deque[float] = deque(maxlen=window)
+
+    def update(self, loss: float) -> tuple[bool, float | None]:
+        """Returns (is_spike, rolling level) for this loss, then adds it to the window."""
+        if len(self.history) < (self.history.maxlen or 0):
+            self.history.append(loss)
+            return False, None
+        level = statistics.median(self.history)
+        mad = statistics.median(abs(x - level) for x in self.history)
+        # A floor on the MAD keeps a perfectly flat window from flagging tiny wiggles.
+        is_spike = loss > level + self.threshold * max(mad, 1e-3 * abs(level), 1e-8)
+        self.history.append(loss)
+        return is_spike, level
+
+
+def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> float:
+    """Peak matmul FLOP/s of this CPU in `dtype`, measured (best of a few repeats)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for the precision mode, or None when the device is unknown."""
+    if device.type == "cpu":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return measured_cpu_peak_flops(dtype)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    kind = "16bit" if precision in ("fp16", "bf16") else "tf32"
+    if precision == "fp32":
+        kind = "fp32"
+    for model, peaks in PEAK_FLOPS.items():
+        if model in name:
+            return peaks[kind]
+    return None
