@@ -101,9 +101,7 @@ def write_token_file(path: str | Path, tokens: Sequence[int] | np.ndarray | torc
     else:
         array = np.asarray(tokens)
     if array.ndim != 1 or array.size == 0:
-        raise DataError(
-            f"tokens for {path} must be a non-empty 1-D sequence, got shape {array.shape}"
-        )
+        raise DataError(f"tokens for {path} must be a non-empty 1-D sequence, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.integer):
         raise DataError(f"tokens for {path} must be integer ids, got dtype {array.dtype}")
     low, high = int(array.min()), int(array.max())
@@ -137,9 +135,7 @@ class TokenFile:
             raise DataError(f"token file {self.path}: `tokens` has shape {shape}; expected 1-D")
         if self.dtype not in _READ_DTYPES:
             allowed = ", ".join(_READ_DTYPES)
-            raise DataError(
-                f"token file {self.path}: `tokens` has dtype {self.dtype}; allowed: {allowed}"
-            )
+            raise DataError(f"token file {self.path}: `tokens` has dtype {self.dtype}; allowed: {allowed}")
         if shape[0] == 0:
             raise DataError(f"token file {self.path}: `tokens` is empty")
         self._len = int(shape[0])
@@ -154,7 +150,7 @@ class TokenFile:
         """Tokens [start, start + length) as a new int64 tensor (only that slice is read)."""
         if start < 0 or length < 0 or start + length > self._len:
             raise DataError(
-                f"cannot read tokens [{start}, {start + length}) from {self.path}: "
+                f"cannot read tokens [{start:,}, {start + length:,}) from {self.path}: "
                 f"it has {self._len:,} tokens"
             )
         return torch.from_numpy(self._tokens[start : start + length].astype(np.int64))
@@ -193,8 +189,7 @@ class BatchReader:
         )
         if not 0 <= start_token < len(token_file):
             raise DataError(
-                f"start_token {start_token} is outside {token_file.path} "
-                f"({len(token_file):,} tokens)"
+                f"start_token {start_token} is outside {token_file.path} ({len(token_file):,} tokens)"
             )
         self.token_file = token_file
         self.microbatch_size = microbatch_size
@@ -223,7 +218,10 @@ class BatchReader:
         return (step * self.gradient_accumulation_steps + accum) * self.world_size + rank
 
     def get(self, step: int, accum: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), int64 [microbatch_size, context_length]; targets shifted by one."""
+        """(inputs, targets), int64 [microbatch_size, context_length]; targets shifted by one.
+
+        Both are views of one buffer of microbatch_size * context_length + 1 tokens.
+        """
         start = self.start_token + self.block_index(step, accum, rank) * self.block_tokens
         stop = start + self.block_tokens + 1
         if stop > len(self.token_file):
@@ -316,8 +314,9 @@ def _missing_files(directory: Path) -> list[str]:
     return [name for name in DATASET_FILES if not (directory / name).is_file()]
 
 
-def resolve_dataset(spec: str, cache_dir: Path | None = None) -> Path:
+def resolve_dataset(spec: str | Path, cache_dir: Path | None = None) -> Path:
     """The directory holding train/validation token files for a dataset spec (fetch/build it)."""
+    spec = str(spec)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if spec == BUILTIN_STDLIB_DOCS:
         return build_stdlib_docs(cache_dir)
@@ -330,9 +329,7 @@ def resolve_dataset(spec: str, cache_dir: Path | None = None) -> Path:
         raise DataError(f"dataset {spec!r} is not a directory or known source; use {DATASET_FORMS}")
     missing = _missing_files(directory)
     if missing:
-        raise DataError(
-            f"dataset directory {directory} lacks {', '.join(missing)}; use {DATASET_FORMS}"
-        )
+        raise DataError(f"dataset directory {directory} lacks {', '.join(missing)}; use {DATASET_FORMS}")
     return directory
 
 
@@ -366,8 +363,7 @@ def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
     except Exception as e:  # network, authentication, unknown repository ...
         reason = (str(e).strip().splitlines() or [""])[0]
         raise DataError(
-            f"could not download dataset hf:{repo_id} into {local_dir}: "
-            f"{type(e).__name__}: {reason}"
+            f"could not download dataset hf:{repo_id} into {local_dir}: {type(e).__name__}: {reason}"
         ) from e
     missing = _missing_files(local_dir)
     if missing:
@@ -379,7 +375,7 @@ def dataset_split(spec_or_dir: str | Path, split: str, cache_dir: Path | None = 
     """Open split `train` or `validation` of a dataset spec or directory."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    return TokenFile(resolve_dataset(str(spec_or_dir), cache_dir) / f"{split}.safetensors")
+    return TokenFile(resolve_dataset(spec_or_dir, cache_dir) / f"{split}.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,9 +411,7 @@ def _map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
             yield pending.popleft().get()
 
 
-def _batched(
-    docs: Iterable[str], max_docs: int = 512, max_chars: int = 4_000_000
-) -> Iterator[list[str]]:
+def _batched(docs: Iterable[str], max_docs: int = 512, max_chars: int = 4_000_000) -> Iterator[list[str]]:
     """Group documents into lists of at most max_docs documents / about max_chars characters."""
     batch: list[str] = []
     chars = 0
@@ -536,9 +530,7 @@ def _stdlib_sources(stdlib: Path) -> list[tuple[str, int, int]]:
                     stat = path.stat()
                 except OSError:
                     continue
-                sources.append(
-                    (path.relative_to(stdlib).as_posix(), stat.st_size, stat.st_mtime_ns)
-                )
+                sources.append((path.relative_to(stdlib).as_posix(), stat.st_size, stat.st_mtime_ns))
     return sorted(sources)
 
 
@@ -615,6 +607,13 @@ def build_stdlib_docs(cache_dir: Path | None = None) -> Path:
         return final
     if final.exists():  # an incomplete leftover (never produced by this function): rebuild
         shutil.rmtree(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot create the dataset cache {final.parent} ({e.strerror}); "
+            "set GPTLIB_CACHE to a writable directory"
+        ) from e
     print(f"gptlib: building {BUILTIN_STDLIB_DOCS} into {final} ...", file=sys.stderr, flush=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:

@@ -114,7 +114,7 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def torchrun_command(run_dir: Path, nproc: int, resume: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    cmd = [sys.executable, "-m", "gptlib.torchrun", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "gptlib.train", "--config",
            str(run_dir / "config.yaml")]
     return cmd + (["--resume", resume] if resume else [])

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -224,9 +226,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
         state.best_loss, state.best_step = meta["best_loss"], meta["best_step"]
         state.skipped_total, state.wall_time_s = meta["skipped_total"], meta["wall_time_s"]
         state.final_train_loss = meta["period"]["loss_avg"]
-        torch.set_rng_state(rng["cpu"][ctx.rank])
-        if ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"][ctx.rank], ctx.device)
 
     model: torch.nn.Module = raw_model
     if use_compile(t, ctx.device):
@@ -281,8 +280,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
         for offset, (loss, grad_norm, clipped, lr, skipped) in enumerate(stats):
             s = first + offset
             record = {"step": s, "tokens": (s + 1) * global_batch_tokens,
-                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm), "clipped": clipped > 0.5, "skipped": skipped,
-                      "tokens_per_s": tokens_per_s}
+                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
+                      "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
             metrics_file.write(json.dumps(record) + "\n")
             state.period.append(record)
             if not record["skipped"]:
@@ -326,6 +325,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
                 f"(min {period['loss_min']:.4f}, max {period['loss_max']:.4f})"
                 + (" - best so far" if is_best else ""))
 
+    if resume:  # restored last, so nothing above can consume the dropout RNG stream
+        torch.set_rng_state(rng["cpu"][ctx.rank])
+        if ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][ctx.rank], ctx.device)
     consecutive_skips = 0
     for step in range(start_step, total_steps):
         lr = lr_at(step, t, total_steps)
@@ -407,7 +410,16 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
 # --------------------------------------------------------------------------- entry point
 
 
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies. torchrun starts each worker in
+    a session of its own, so without this a worker outlives a launcher killed with SIGKILL."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m gptlib.train", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="RUN_DIR/config.yaml")
     parser.add_argument("--resume", default=None, help="latest, best or step-N")
