@@ -194,7 +194,8 @@ def test_edited_checkpoint_is_detected(dataset: Path, tmp_path: Path) -> None:
     (path / "model.safetensors").write_bytes(data[:-10])
     with pytest.raises(ckpt.CheckpointError, match="model.safetensors does not match its recorded sha256"):
         ckpt.load_checkpoint(path, model)
-    with pytest.raises(ckpt.CheckpointError, match="'step-7' does not exist.*available: latest, best, step-4"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match="'step-7' does not exist.*available: latest, best, step-4"):
         ckpt.resolve_checkpoint(tmp_path, "step-7")
 
 
@@ -237,7 +238,7 @@ def test_learning_rate_schedule_at_start_end_of_warmup_and_last_step(dataset: Pa
     mid = (warmup + 19) / 2  # halfway through the cosine: halfway between peak and peak / 10
     assert lrs[int(mid)] == pytest.approx(peak / 10 + 0.9 * peak * 0.5 * (1 + math.cos(
         math.pi * (int(mid) - warmup) / (19 - warmup))))
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # decays monotonically
+    assert all(a >= b for a, b in zip(lrs[warmup:-1], lrs[warmup + 1:], strict=True))  # decays monotonically
 
 
 def test_constant_learning_rate_by_default(dataset: Path, in_process) -> None:
