@@ -94,6 +94,21 @@ def save_checkpoint(
     return final
 
 
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` checkpoints, never the ones `latest` or `best` name.
+    Returns the names removed."""
+    root = checkpoints_dir(run_dir)
+    pinned = {(root / p).read_text().strip() for p in POINTERS if (root / p).exists()}
+    names = list_checkpoints(run_dir)
+    doomed = [n for n in names[: max(0, len(names) - keep)] if n not in pinned]
+    for name in doomed:
+        # Rename first, so a crash mid-delete leaves debris that is cleaned, not a broken step-N.
+        trash = root / f"{TEMP_PREFIX}{name}.deleted"
+        os.rename(root / name, trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
 def remove_partial_checkpoints(run_dir: str | Path) -> None:
     """Delete temporary directories left by a crash during a checkpoint write."""
     root = checkpoints_dir(run_dir)

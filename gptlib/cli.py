@@ -1,4 +1,4 @@
-"""`gptlib` command line: train | prepare (more subcommands join as the workbook grows)."""
+"""`gptlib` command line: train | prepare | eval | sweep (more join as the workbook grows)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 def _nproc(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--nproc {value!r}: allowed: auto or an integer >= 1") \
-            from None
+    """An integer when it looks like one; the config layer validates (and names) anything else."""
+    return int(value) if value.lstrip("-").isdigit() else value
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -42,6 +37,39 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     stats = prepare_dataset(args.inputs, args.out, args.validation_fraction, args.workers)
     print(f"wrote {args.out}: {stats}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptlib.evals import evaluate_run
+
+    result = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.device)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {value!r}: expected integers, e.g. 42,43") \
+            from None
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"--set {bad[0]!r}: expected key=value, e.g. model.n_layers=2")
+    return dict(item.split("=", 1) for item in items)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from gptlib.sweep import report_lines, sweep
+
+    outcomes = sweep(args.scale, args.interventions, args.seeds, args.force, _overrides(args.set),
+                     args.nproc, args.outputs)
+    lines = report_lines(outcomes)
+    print("\n".join(lines), file=sys.stderr if len(lines) > 1 else sys.stdout)
+    return 1 if len(lines) > 1 else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--validation-fraction", type=float, default=0.01)
     prepare.add_argument("--workers", type=int, default=None)
     prepare.set_defaults(func=cmd_prepare)
+
+    evaluate = sub.add_parser("eval", help="test loss and smoke test of a run's checkpoint")
+    evaluate.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/tiny/baseline")
+    evaluate.add_argument("--checkpoint", default="best", help="best (default), latest or step-N")
+    evaluate.add_argument("--batches", type=int, default=None,
+                          help="test batches (default eval.batches; -1 = all that fit)")
+    evaluate.add_argument("--device", default=None, help="cpu or cuda (default: as trained)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    sweep = sub.add_parser("sweep", help="render notebooks/train.ipynb per run, then the summary")
+    sweep.add_argument("--scale", default="tiny", help="a file of parameters/scales (default tiny)")
+    sweep.add_argument("--interventions", default="all",
+                       help="all (every intervention file) or names a,b,c (each may join with +)")
+    sweep.add_argument("--seeds", type=_seeds, default=[42], help="e.g. 42,43,44 (default 42)")
+    sweep.add_argument("--force", action="store_true", help="retrain completed runs too")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every run")
+    sweep.add_argument("--nproc", type=_nproc, default="auto", help="processes: N or auto")
+    sweep.add_argument("--outputs", type=Path, default=None,
+                       help="runs folder (default: the repository's outputs/)")
+    sweep.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -103,7 +103,8 @@ class TrainConfig:
     log_interval: int = 10  # progress line every N optimizer steps
     spike_window: int = 50  # loss-spike detection: rolling window (steps) ...
     spike_threshold: float = 6.0  # ... and threshold in rolling-MAD multiples
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = 600  # a rank silent this long stops the whole job
+    keep_checkpoints: int = -1  # -1 = keep all; N = keep the newest N (and always the best)
 
 
 @dataclass
@@ -387,6 +388,10 @@ def _check_values(cfg: RunConfig) -> None:
     _require(
         t.training_seed is None or t.training_seed >= 0,
         f"train.training_seed={t.training_seed} must be >= 0 (or null)",
+    )
+    _require(
+        t.keep_checkpoints == -1 or t.keep_checkpoints >= 1,
+        f"train.keep_checkpoints={t.keep_checkpoints} must be -1 (keep all) or >= 1",
     )
     _one_of("train.precision", t.precision, PRECISIONS)
     _one_of("train.device", t.device, DEVICES)

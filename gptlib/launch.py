@@ -7,13 +7,17 @@ precision, dataset, token budget, resume target, an existing run), so a bad inpu
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +27,7 @@ import torch
 from gptlib import checkpoint as ckpt
 from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
 from gptlib.data import TokenFile, resolve_dataset, token_budget
+from gptlib.model import GPTModel, count_parameters
 from gptlib.train import pick_device, resolve_precision, write_summary
 
 DEFAULT_OUTPUTS = Path("outputs")
@@ -30,6 +35,8 @@ DEFAULT_OUTPUTS = Path("outputs")
 # which papermill may be writing at that moment).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs")
 TERMINATE_GRACE_S = 10
+FAILURE_GRACE_S = 10
+LOCK_FILE = ".lock"
 
 
 class LaunchError(RuntimeError):
@@ -66,11 +73,15 @@ def prepare_run(
     cfg.train.precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
     dataset = resolve_dataset(cfg.train.dataset)
     t = cfg.train
-    token_budget(t.min_train_tokens,
-                 t.microbatch_size * cfg.model.context_length * t.gradient_accumulation_steps
-                 * world_size, len(TokenFile(dataset / "train.safetensors")), t.start_train_token)
+    total_steps, _ = token_budget(
+        t.min_train_tokens,
+        t.microbatch_size * cfg.model.context_length * t.gradient_accumulation_steps * world_size,
+        len(TokenFile(dataset / "train.safetensors")), t.start_train_token)
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    check_writable(run_dir)
+    lock_run_dir(run_dir)
+    check_disk_space(cfg, run_dir, total_steps)
     config_path = run_dir / "config.yaml"
     if resume:
         ckpt.resolve_checkpoint(run_dir, resume)
@@ -93,6 +104,79 @@ def prepare_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(config_path, cfg.to_yaml())
     return cfg, run_dir, world_size
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail unless the run directory (or the folder it will be created in) accepts files."""
+    base = _existing_ancestor(run_dir)
+    if not base.is_dir():
+        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as error:
+        raise ConfigError(f"run directory {run_dir} is not writable ({base}: {error.strerror}); "
+                          "choose another with --run-dir") from None
+
+
+def checkpoint_bytes(cfg: RunConfig) -> int:
+    """Size of one checkpoint: fp32 weights plus AdamW's two moments, plus small files."""
+    with torch.device("meta"):
+        parameters = count_parameters(GPTModel(cfg.model))
+    return 3 * 4 * parameters + 1_000_000
+
+
+def check_disk_space(cfg: RunConfig, run_dir: Path, total_steps: int) -> None:
+    """Fail when the checkpoints this run will keep (plus one being written) cannot fit."""
+    written = math.ceil(total_steps / cfg.train.checkpoint_interval)
+    keep = cfg.train.keep_checkpoints
+    kept = written if keep == -1 else min(written, keep + 1)  # + the best one
+    each = checkpoint_bytes(cfg)
+    needed = (kept + 1) * each
+    free = shutil.disk_usage(_existing_ancestor(run_dir)).free
+    if needed > free:
+        raise ConfigError(
+            f"run directory {run_dir}: the run keeps {kept} checkpoints of {each / 1e9:.2f} GB "
+            f"(needs ~{needed / 1e9:.1f} GB) but only {free / 1e9:.1f} GB is free; free space, "
+            "choose another --run-dir, or set train.keep_checkpoints=N"
+        )
+
+
+_held_locks: dict[Path, int] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take the run directory's lock for this process (kept until `unlock_run_dir`), so two
+    launches cannot interleave their checkpoints. The OS drops it if the process dies."""
+    key = run_dir.resolve()
+    if key in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"{run_dir} is in use by another run (pid {holder}); wait for it "
+                          "to finish or choose another --run-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _held_locks.pop(run_dir.resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _status(run_dir: Path) -> str:
@@ -158,6 +242,15 @@ def launch(
     Raises LaunchError naming the failed rank, with its last log lines; never leaves workers behind,
     also when interrupted (KeyboardInterrupt)."""
     run_dir = Path(run_dir)
+    lock_run_dir(run_dir)
+    try:
+        return _launch(run_dir, nproc, resume, on_line)
+    finally:
+        unlock_run_dir(run_dir)
+
+
+def _launch(run_dir: Path, nproc: int, resume: str | None,
+            on_line: Callable[[str], None] | None) -> dict:
     on_line = on_line or (lambda line: print(line, flush=True))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not torch.cuda.is_available() and nproc > 1:
@@ -167,17 +260,25 @@ def launch(
         stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, start_new_session=True,
     )
     tail: deque[str] = deque(maxlen=200)
+    # Once a worker reports a fatal error, torchrun gets a short grace period to stop the rest;
+    # a stalled (e.g. stopped) worker would otherwise hold it for its own 30 s SIGTERM timeout.
+    watchdog = threading.Timer(FAILURE_GRACE_S, _stop, [proc])
+    watchdog.daemon = True
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
             on_line(line)
+            if line.startswith("[rank ") and watchdog.ident is None:  # not started yet
+                watchdog.start()
         returncode = proc.wait()
     except BaseException:
         _stop(proc)
         write_summary(run_dir, {"status": "failed", "error": "interrupted"})
         raise
+    finally:
+        watchdog.cancel()
     _stop(proc)
     if returncode != 0:
         rank = failing_rank(list(tail))

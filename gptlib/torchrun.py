@@ -5,7 +5,7 @@ this so that killing a notebook kernel or `gptlib train` never leaves workers be
 import runpy
 import signal
 
-from gptlib.train import die_with_parent
+from gptlib.lifeline import die_with_parent
 
 if __name__ == "__main__":
     die_with_parent(signal.SIGTERM)

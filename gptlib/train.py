@@ -8,15 +8,19 @@ under torchrun's own `--nnodes/--node-rank/--rdzv-endpoint` flags.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the slow imports below; see gptlib.lifeline
+    from gptlib.lifeline import die_with_parent
+
+    die_with_parent()
+
 import argparse
 import contextlib
-import ctypes
 import datetime
 import json
 import math
 import os
 import platform
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -30,8 +34,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import RunConfig, TrainConfig, check_world_size, load_config
+from gptlib.config import ConfigError, RunConfig, TrainConfig, check_world_size, load_config
 from gptlib.data import BatchReader, TokenFile, resolve_dataset, token_budget
+from gptlib.lifeline import hold_writer_lock
 from gptlib.metrics import SpikeDetector, aggregate_period, peak_flops, read_metrics
 from gptlib.model import GPTModel, count_parameters, flops_per_token
 from gptlib.optim import build_optimizer, lr_at, set_lr
@@ -47,7 +52,7 @@ class TrainingError(RuntimeError):
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise TrainingError("train.device=cuda but no CUDA device is available; allowed: auto, cpu")
+            raise ConfigError("train.device=cuda but no CUDA device is available; allowed: auto, cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -67,7 +72,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if bf16_ok else "fp32"
     if precision == "bf16" and device.type == "cuda" and not bf16_ok:
-        raise TrainingError(
+        raise ConfigError(
             f"train.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
             "allowed here: fp16, fp32"
         )
@@ -235,7 +240,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     )
     params = [p for p in raw_model.parameters() if p.requires_grad]
 
+    if ctx.rank == 0:
+        ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
     metrics_path = run_dir / "metrics.jsonl"
+
     spikes_path = run_dir / "spikes.json"
     detector = SpikeDetector(t.spike_window, t.spike_threshold)
     spikes: list[dict] = []
@@ -321,6 +329,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
                 "run_name": cfg.run_name, "precision": precision}
         path = ckpt.save_checkpoint(run_dir, step + 1, raw_model, optimizer, scaler, rng, meta,
                                     is_best)
+        if t.keep_checkpoints > 0:
+            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
         ctx.log(f"checkpoint {path.name}: period loss avg {period['loss_avg']:.4f} "
                 f"(min {period['loss_min']:.4f}, max {period['loss_max']:.4f})"
                 + (" - best so far" if is_best else ""))
@@ -410,16 +420,21 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
 # --------------------------------------------------------------------------- entry point
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies. torchrun starts each worker in
-    a session of its own, so without this a worker outlives a launcher killed with SIGKILL."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+def unresponsive_ranks(monitor: dist.ProcessGroup, timeout_s: int) -> str:
+    """After a collective timed out: ask every rank to check in, and name those that do not."""
+    try:
+        dist.monitored_barrier(group=monitor, wait_all_ranks=True,
+                               timeout=datetime.timedelta(seconds=min(timeout_s, 60)))
+    except RuntimeError as error:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(error))
+        if found:
+            return (f"rank {found.group(1).strip()} stopped responding: no answer within "
+                    f"train.collective_timeout_s={timeout_s} s")
+        return f"a collective timed out after {timeout_s} s; {str(error).splitlines()[0]}"
+    return f"a collective timed out after {timeout_s} s, yet every rank answered afterwards"
 
 
 def main(argv: list[str] | None = None) -> None:
-    die_with_parent()
     parser = argparse.ArgumentParser(prog="python -m gptlib.train", description=__doc__)
     parser.add_argument("--config", required=True, type=Path, help="RUN_DIR/config.yaml")
     parser.add_argument("--resume", default=None, help="latest, best or step-N")
@@ -432,20 +447,27 @@ def main(argv: list[str] | None = None) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.train.device, local_rank)
     (run_dir / "logs").mkdir(exist_ok=True)
+    if rank == 0:
+        hold_writer_lock(run_dir)
     ctx = RankContext(rank, world_size, local_rank, device, run_dir / "logs" / f"rank-{rank}.log")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "MASTER_ADDR" not in os.environ:  # plain `python -m gptlib.train`: a world of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    # A separate gloo group that only ever runs the diagnostic barrier below, so it is usable
+    # even when a collective of the main group has timed out.
+    monitor = dist.new_group(backend="gloo", timeout=timeout) if world_size > 1 else None
     try:
         train(cfg, run_dir, args.resume, ctx)
     except BaseException as error:
         ctx.log("".join(traceback.format_exception(error)).rstrip(), console=False)
-        print(f"[rank {rank}] {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        if monitor is not None and "timed out" in str(error).lower().replace("timeout", "timed out"):
+            message = f"{unresponsive_ranks(monitor, cfg.train.collective_timeout_s)} ({message})"
+        print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+        ctx.log(f"[rank {rank}] {message}", console=False)
         raise SystemExit(1) from None
     finally:
         dist.destroy_process_group()

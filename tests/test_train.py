@@ -14,63 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
+from runs import cli, final_weights, micro, set_args
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import ModelConfig, TrainConfig
-from gptlib.data import write_token_file
 from gptlib.launch import prepare_run
 from gptlib.metrics import read_metrics
 from gptlib.model import GPTModel
 from gptlib.optim import param_groups
-from gptlib.tokenizer import get_tokenizer
 from gptlib.train import RankContext, TrainingError, autocast_context, train
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A checkpoint is written to a temporary directory and renamed.",
-    "Gradient clipping bounds the global norm of the gradients.",
-    "Every effort moves you closer to the goal.",
-    "Loss spikes are rare events in a long training run.",
-]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small token dataset of repeated English sentences (learnable, so the loss falls)."""
-    directory = tmp_path_factory.mktemp("dataset")
-    enc = get_tokenizer()
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randint(0, len(SENTENCES), (3000,), generator=gen).tolist()
-    tokens = [t for i in order for t in enc.encode(" " + SENTENCES[i])]
-    write_token_file(directory / "train.safetensors", tokens)
-    write_token_file(directory / "validation.safetensors", tokens[:2000])
-    return directory
-
-
-def micro(dataset: Path, **changes: object) -> dict:
-    """Overrides for a model small enough that a step takes milliseconds."""
-    overrides = {
-        "model.context_length": 16, "model.emb_dim": 32, "model.n_heads": 2, "model.n_layers": 2,
-        "model.drop_rate": 0.0, "train.dataset": str(dataset), "train.microbatch_size": 2,
-        "train.gradient_accumulation_steps": 1, "train.checkpoint_interval": 4,
-        "train.min_train_tokens": 8 * 2 * 16, "train.precision": "fp32", "train.log_interval": 2,
-    }
-    overrides.update(changes)
-    return overrides
-
-
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlib", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def set_args(overrides: dict) -> list[str]:
-    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt.resolve_checkpoint(run_dir, "latest") / "model.safetensors"))
 
 
 @pytest.fixture

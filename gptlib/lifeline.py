@@ -1,0 +1,43 @@
+"""Tie a process's life to its parent's, and keep two trainings out of one run directory.
+
+No heavy imports here: `python -m gptlib.train` calls `die_with_parent` before importing torch, to
+keep the window in which a worker could outlive a killed launcher as short as possible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies. torchrun starts each worker in
+    a session of its own, so without this a worker outlives a launcher killed with SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() == 1:  # the parent died before the request was made
+        os.kill(os.getpid(), sig)
+
+
+def hold_writer_lock(run_dir: Path, wait_s: float = 60.0) -> int:
+    """Block until this process is the only trainer writing to `run_dir` (an orphaned worker of a
+    killed launcher still finishing, say); returns the lock's file descriptor, released on exit."""
+    fd = os.open(run_dir / ".writer-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another training process is still writing to {run_dir}; "
+                                   "stop it before starting this run") from None
+            time.sleep(0.2)

@@ -1,0 +1,36 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from runs import SENTENCES
+
+from gptlib.data import write_token_file
+from gptlib.tokenizer import get_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Build the built-in corpus (and anything else cached) into a fresh directory per session,
+    unless GPTLIB_CACHE is already set, so tests never depend on a user's cache."""
+    import os
+
+    os.environ.setdefault("GPTLIB_CACHE", str(tmp_path_factory.mktemp("gptlib-cache")))
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small token dataset of repeated English sentences (learnable, so the loss falls)."""
+    directory = tmp_path_factory.mktemp("dataset")
+    enc = get_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randint(0, len(SENTENCES), (3000,), generator=gen).tolist()
+    tokens = [t for i in order for t in enc.encode(" " + SENTENCES[i])]
+    write_token_file(directory / "train.safetensors", tokens)
+    write_token_file(directory / "validation.safetensors", tokens[:2000])
+    return directory
+
+
