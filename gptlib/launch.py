@@ -28,12 +28,14 @@ from gptlib import checkpoint as ckpt
 from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
 from gptlib.data import TokenFile, resolve_dataset, token_budget
 from gptlib.model import GPTModel, count_parameters
+from gptlib.paths import OUTPUTS_DIR
 from gptlib.train import pick_device, resolve_precision, write_summary
 
-DEFAULT_OUTPUTS = Path("outputs")
+DEFAULT_OUTPUTS = OUTPUTS_DIR  # <repo>/outputs whatever the current directory
 # Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
 # which papermill may be writing at that moment).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs",
+             "charts")
 TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
 LOCK_FILE = ".lock"

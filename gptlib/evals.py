@@ -1,0 +1,214 @@
+"""Evaluating a trained run: test loss on the held-out slice and the smoke-test generation.
+
+Test loss (the series' measure): the mean of per-batch mean cross-entropies over ``eval.batches``
+batches of the dataset's *validation* split, starting at token ``eval.start_token``. Batch ``i`` is
+``eval.batch_size`` consecutive, non-overlapping windows of ``context_length`` tokens starting at
+``start_token + i * batch_size * context_length``, targets shifted by one token (the training
+batch layout). ``eval.batches = -1`` takes as many whole batches as the split holds.
+
+The model runs in eval mode (dropout off) under ``torch.inference_mode``. Precision follows the
+run: bf16 runs evaluate under bf16 autocast, fp16 runs under fp16 autocast on CUDA (fp32 on a CPU,
+which has no fast fp16), fp32 runs in fp32 with TF32 off. Logits are cast to fp32 before the
+cross-entropy.
+
+Smoke test: the prompt ``eval.smoke_prompt`` continued by ``eval.smoke_tokens`` tokens with top-k
+``eval.smoke_top_k`` and temperature ``eval.smoke_temperature`` (0 = greedy), as in the book's
+``generate``. Sampling draws from a local ``torch.Generator`` seeded with ``eval.smoke_seed`` on
+the CPU, so the text is reproducible and the global RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gptlib import checkpoint as ckpt
+from gptlib.config import RunConfig, load_config
+from gptlib.data import BatchReader, DataError, TokenFile, resolve_dataset
+from gptlib.model import GPTModel, load_weights
+from gptlib.tokenizer import N_VOCAB, decode, encode
+from gptlib.train import autocast_context, pick_device, write_summary
+
+__all__ = [
+    "EvalResult",
+    "eval_precision",
+    "load_run",
+    "validation_reader",
+    "test_loss",
+    "generate",
+    "smoke_test",
+    "evaluate_run",
+]
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_run` measured (also merged into summary.json)."""
+
+    test_loss: float
+    smoke_text: str
+    eval_checkpoint: str  # the checkpoint directory evaluated, e.g. "step-28"
+    eval_batches: int
+    eval_tokens: int
+    eval_precision: str
+
+    def lines(self) -> list[str]:
+        """Human-readable lines, the loss to 6 decimals as the series prints it."""
+        return [
+            f"Test loss: {self.test_loss:.6f} (checkpoint {self.eval_checkpoint}, "
+            f"{self.eval_batches:,} batches, {self.eval_tokens:,} tokens, {self.eval_precision})",
+            f"Smoke test: {self.smoke_text}",
+        ]
+
+
+def eval_precision(precision: str, device: torch.device) -> str:
+    """The precision evaluation uses for a run trained in ``precision`` (see the module doc)."""
+    if precision == "fp16" and device.type != "cuda":
+        return "fp32"
+    return precision
+
+
+def load_run(
+    run_dir: str | Path, checkpoint: str = "best", device: torch.device | str | None = None
+) -> tuple[RunConfig, GPTModel, Path]:
+    """(config, model in eval mode on ``device``, checkpoint directory) of a run's checkpoint.
+
+    The checkpoint's files are verified against their recorded sha256 first. Building the model
+    does not consume the global RNG.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ckpt.CheckpointError(f"run directory {run_dir} does not exist")
+    if not (run_dir / "config.yaml").is_file():
+        raise ckpt.CheckpointError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
+    ckpt.verify_checkpoint(path)
+    device = pick_device(cfg.train.device) if device is None else torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        model = GPTModel(cfg.model)
+    load_weights(model, path / ckpt.MODEL_FILE)
+    return cfg, model.to(device).eval(), path
+
+
+def validation_reader(cfg: RunConfig, batches: int | None = None) -> tuple[BatchReader, int]:
+    """(reader of the held-out validation batches, number of batches to evaluate).
+
+    ``batches`` overrides ``eval.batches`` (-1 = every whole batch from ``eval.start_token``).
+    """
+    e = cfg.eval
+    batches = e.batches if batches is None else batches
+    if batches != -1 and batches < 1:
+        raise DataError(f"eval batches={batches} must be -1 (all whole batches) or >= 1")
+    split = TokenFile(resolve_dataset(cfg.train.dataset) / "validation.safetensors")
+    batch_tokens = e.batch_size * cfg.model.context_length
+    available = max(0, (len(split) - e.start_token - 1) // batch_tokens)
+    need = f"{batches:,} batches" if batches != -1 else "at least 1 batch"
+    if available == 0 or batches > available:
+        raise DataError(
+            f"validation split {split.path} has {len(split):,} tokens: from eval.start_token="
+            f"{e.start_token:,} it holds {available:,} whole batches of {e.batch_size} x "
+            f"{cfg.model.context_length} tokens, but the test loss needs {need}; lower "
+            "eval.batches / eval.start_token / eval.batch_size or use a larger dataset"
+        )
+    reader = BatchReader(split, e.batch_size, cfg.model.context_length, 1, 1, e.start_token)
+    return reader, available if batches == -1 else batches
+
+
+def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
+    precision = eval_precision(cfg.train.precision, device)
+    return autocast_context(precision, device), precision
+
+
+def test_loss(
+    model: GPTModel, cfg: RunConfig, batches: int | None = None
+) -> tuple[float, int, str]:
+    """(test loss, batches evaluated, precision used) of ``model`` on the held-out slice."""
+    device = next(model.parameters()).device
+    reader, n = validation_reader(cfg, batches)
+    autocast, precision = _autocast(cfg, device)
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.inference_mode():
+        for i in range(n):
+            inputs, targets = reader.get(i, 0, 0)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast:
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            total += loss.double()
+    return (total / n).item(), n, precision
+
+
+test_loss.__test__ = False  # type: ignore[attr-defined]  # not a pytest test function
+
+
+def generate(
+    model: GPTModel,
+    ids: torch.Tensor,
+    new_tokens: int,
+    top_k: int = 0,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The book's ``generate``: extend ``ids`` [1, n] by ``new_tokens`` tokens.
+
+    Top-k keeps the k largest logits (0 = all), temperature 0 takes the argmax; otherwise the next
+    token is drawn on the CPU from ``generator``. Padded vocabulary entries are never chosen.
+    """
+    context = model.cfg.context_length
+    for _ in range(new_tokens):
+        logits = model(ids[:, -context:])[:, -1, :].float().cpu()
+        logits[:, N_VOCAB:] = float("-inf")
+        if top_k:
+            threshold = torch.topk(logits, min(top_k, N_VOCAB)).values[:, -1:]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator)
+        else:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        ids = torch.cat([ids, next_id.to(ids.device)], dim=1)
+    return ids
+
+
+def smoke_test(model: GPTModel, cfg: RunConfig, seed: int | None = None) -> str:
+    """The prompt and its continuation as one text (the series' smoke test), reproducibly."""
+    e = cfg.eval
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(e.smoke_seed if seed is None else seed)
+    ids = torch.tensor([encode(e.smoke_prompt)], device=device)
+    autocast, _ = _autocast(cfg, device)
+    model.eval()
+    with torch.inference_mode(), autocast:
+        out = generate(model, ids, e.smoke_tokens, e.smoke_top_k, e.smoke_temperature, generator)
+    return decode(out[0].cpu())
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    checkpoint: str = "best",
+    batches: int | None = None,
+    device: torch.device | str | None = None,
+    write: bool = True,
+) -> EvalResult:
+    """Test loss and smoke test of one checkpoint of a run; merged into summary.json if ``write``."""
+    cfg, model, path = load_run(run_dir, checkpoint, device)
+    loss, n, precision = test_loss(model, cfg, batches)
+    result = EvalResult(
+        test_loss=loss,
+        smoke_text=smoke_test(model, cfg),
+        eval_checkpoint=path.name,
+        eval_batches=n,
+        eval_tokens=n * cfg.eval.batch_size * cfg.model.context_length,
+        eval_precision=precision,
+    )
+    if write:
+        write_summary(Path(run_dir), asdict(result))
+    return result
+

@@ -1,0 +1,180 @@
+"""Charts read from run files: bands equal the checkpoint aggregates, markers, files; report bits."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from runs import micro
+from workbook import train_in_process
+
+from gptlib import charts, report, summary
+from gptlib.checkpoint import list_checkpoints, read_meta
+from gptlib.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 steps, 3 checkpoint periods, clipping at 0.5, a spike detector sensitive enough to fire."""
+    run_dir = tmp_path_factory.mktemp("charts") / "tiny" / "gradient-clipping"
+    overrides = micro(dataset, **{"train.min_train_tokens": 12 * 2 * 16,
+                                  "train.clipping_max_norm": 0.5, "train.spike_window": 3,
+                                  "train.spike_threshold": 1.0})
+    return train_in_process(run_dir, overrides)
+
+
+def trace(fig, name: str):  # noqa: ANN001, ANN201
+    matches = [t for t in fig.data if t.name == name] or \
+        [t for t in fig.data if (t.name or "").startswith(name)]
+    assert len(matches) == 1, [t.name for t in fig.data]
+    return matches[0]
+
+
+def test_loss_band_and_average_equal_the_checkpoint_aggregates(run: Path) -> None:
+    fig = charts.loss_chart(run)
+    metas = [read_meta(run / "checkpoints" / name) for name in list_checkpoints(run)]
+    assert [m["step"] for m in metas] == [4, 8, 12]
+    assert list(trace(fig, "period min").x) == [4, 8, 12]
+    assert list(trace(fig, "period min").y) == [m["period"]["loss_min"] for m in metas]
+    assert list(trace(fig, "period min–max").y) == [m["period"]["loss_max"] for m in metas]
+    assert trace(fig, "period min–max").fill == "tonexty"
+    assert list(trace(fig, "period average").y) == [m["period"]["loss_avg"] for m in metas]
+    records = read_metrics(run / "metrics.jsonl")
+    per_step = trace(fig, "loss per step")
+    assert list(per_step.x) == list(range(1, 13)) and list(per_step.y) == [r["loss"] for r in records]
+
+
+def test_best_step_and_spikes_are_marked(run: Path) -> None:
+    fig = charts.loss_chart(run)
+    done = json.loads((run / "summary.json").read_text())
+    best = trace(fig, "best")
+    assert list(best.x) == [done["best_step"]] and list(best.y) == [done["best_loss"]]
+    assert best.name == f"best: step-{done['best_step']}"
+    spikes = json.loads((run / "spikes.json").read_text())
+    assert spikes, "the sensitive detector should flag at least one step"
+    marked = trace(fig, "spikes")
+    assert list(marked.x) == [s["step"] + 1 for s in spikes]
+    assert list(marked.y) == [s["loss"] for s in spikes]
+
+
+def test_loss_chart_zooms_past_the_first_period(run: Path) -> None:
+    fig = charts.loss_chart(run)
+    metas = [read_meta(run / "checkpoints" / name)["period"] for name in list_checkpoints(run)]
+    low, high = fig.layout.yaxis.range
+    assert low < min(m["loss_min"] for m in metas[1:])
+    assert high > max(m["loss_max"] for m in metas[1:])
+    assert "first period off-scale" in fig.layout.title.subtitle.text
+
+
+def test_grad_norm_chart_draws_the_clip_line_only_with_clipping(run: Path) -> None:
+    fig = charts.grad_norm_chart(run)
+    assert [shape.y0 for shape in fig.layout.shapes] == [0.5]
+    records = read_metrics(run / "metrics.jsonl")
+    assert list(trace(fig, "per step").y) == [r["grad_norm"] for r in records]
+    data = charts.load_run_data(run)
+    data.cfg.train.clipping_max_norm = None
+    assert not charts.grad_norm_chart(data).layout.shapes
+
+
+def test_lr_chart(run: Path) -> None:
+    fig = charts.lr_chart(run)
+    assert list(fig.data[0].y) == [r["lr"] for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_comparison_charts(run: Path, tmp_path: Path) -> None:
+    fig = charts.compare_loss_chart({"a": run, "b": run, "missing": tmp_path / "nothing"})
+    assert [t.name for t in fig.data] == ["a", "b"]
+    tokens = {r["step"]: r["tokens"] for r in read_metrics(run / "metrics.jsonl")}
+    assert list(fig.data[0].x) == [tokens[3], tokens[7], tokens[11]]
+    df = summary.collect_runs(run.parent.parent, "tiny")
+    bars = charts.test_loss_chart(df)
+    assert bars.layout.annotations[0].text == "no evaluated run and baseline yet"
+    assert len(charts.loss_charts(df)) == 1
+
+
+def test_chart_files_work_offline(run: Path) -> None:
+    paths = report.save_charts(run)
+    assert [p.name for p in paths] == ["loss.html", "grad_norm.html", "lr.html"]
+    assert (run / "charts" / "plotly.min.js").stat().st_size > 1_000_000
+    for path in paths:
+        text = path.read_text()
+        assert re.findall(r'<script[^>]* src="([^"]*)"', text) == ["plotly.min.js"]
+
+
+def test_figure_bundle_has_json_and_html_without_a_cdn(run: Path) -> None:
+    bundle = report.figure_bundle(charts.lr_chart(run))
+    assert set(bundle) == {"application/vnd.plotly.v1+json", "text/html", "text/plain"}
+    assert bundle["application/vnd.plotly.v1+json"]["data"][0]["type"] == "scatter"
+    assert "Plotly.newPlot" in bundle["text/html"] and "<script src=" not in bundle["text/html"]
+
+
+def test_progress_keeps_one_display_with_the_final_state() -> None:
+    class Handle:
+        def __init__(self) -> None:
+            self.shown: list[str] = []
+
+        def update(self, bundle: dict, raw: bool) -> None:
+            self.shown.append(bundle["text/plain"])
+
+    progress = report.Progress(min_interval_s=math.inf)
+    progress._handle = Handle()
+    lines = ["Run tiny/baseline: 1 parameters", "step 2/4 | loss 10.9 | ETA 0:00:02",
+             "checkpoint step-4: period loss avg 10.9", "step 4/4 | loss 10.8 | ETA 0:00:00",
+             "Training complete in 3.85 seconds", "Final train loss: 10.922"]
+    with progress:
+        for line in lines:
+            progress.update(line)
+    final = progress._handle.shown[-1].splitlines()
+    assert final[0] == "Run tiny/baseline: 1 parameters"
+    assert final[1].endswith("100%  step 4/4 | loss 10.8 | ETA 0:00:00")
+    assert final[2:] == lines[2:3] + lines[4:]
+    assert len(progress._handle.shown) == 5  # throttled: the second step line waits for the end
+
+
+def test_progress_leaves_out_torchruns_failure_report() -> None:
+    class Handle:
+        text = ""
+
+        def update(self, bundle: dict, raw: bool) -> None:
+            self.text = bundle["text/plain"]
+
+    progress = report.Progress()
+    progress._handle = Handle()
+    with progress:
+        for line in ["Run tiny/explode: 1 parameters", "[rank 0] TrainingError: boom",
+                     "E1127 14:32:48.836000 11475 torch/distributed/elastic/multiprocessing/api.py"
+                     ":1002] failed (exitcode: 1)", "Traceback (most recent call last):"]:
+            progress.update(line)
+    assert progress._handle.text == "Run tiny/explode: 1 parameters\n[rank 0] TrainingError: boom"
+
+
+def test_papermill_handler_creates_the_output_folder(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptlib.papermill_io import outputs_handler
+
+    monkeypatch.chdir(tmp_path)
+    outputs_handler.write("{}", "outputs/tiny/baseline/train.ipynb")
+    assert (tmp_path / "outputs/tiny/baseline/train.ipynb").read_text() == "{}"
+
+
+def test_whole_report_outside_a_notebook(run: Path, capsys: pytest.CaptureFixture) -> None:
+    baseline = run.parent / "baseline"
+    baseline.mkdir(exist_ok=True)
+    (baseline / "summary.json").write_text(json.dumps({"status": "completed", "test_loss": 10.9}))
+    done = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**done, "test_loss": 10.85,
+                                                  "smoke_text": "Every effort moves you on",
+                                                  "eval_checkpoint": "step-12"}))
+    report.render_report(run)
+    shown = capsys.readouterr().out
+    for text in ("<Plotly figure: tiny/gradient-clipping: training loss>",
+                 "<Plotly figure: tiny/gradient-clipping: gradient norm>",
+                 "Smoke test: Every effort moves you on", "Test loss: 10.850000 (checkpoint step-12)",
+                 "10.900000; difference -0.050000 (better than the baseline)",
+                 "Training complete in", f"Best checkpoint: step-{done['best_step']}",
+                 "Charts saved: "):
+        assert text in shown, text
+    (run / "summary.json").write_text(json.dumps(done))
