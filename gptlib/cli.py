@@ -1,4 +1,4 @@
-"""`gptlib` command line: train | prepare | eval | sweep (more join as the workbook grows)."""
+"""`gptlib` command line: train | prepare | eval | publish | sweep | spikes | bench."""
 
 from __future__ import annotations
 
@@ -40,10 +40,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.scale is not None:  # any model source on a scale's test slice; nothing written
+        from gptlib.hub import evaluate_source
+
+        result = evaluate_source(args.run_dir, args.scale, args.checkpoint, args.batches, args.device)
+        print(f"Test loss: {result.test_loss:.6f} ({args.run_dir} on the {args.scale} test slice, "
+              f"{result.eval_batches:,} batches, {result.eval_tokens:,} tokens, {result.eval_precision})")
+        print(f"Smoke test: {result.smoke_text}")
+        return 0
     from gptlib.evals import evaluate_run
 
     result = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.device)
     print("\n".join(result.lines()))
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from gptlib.hub import publish_run
+
+    folder = publish_run(args.run_dir, args.repo_id, args.checkpoint, args.private, args.dry_run, args.out)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    if args.dry_run:
+        print(f"dry run: wrote {folder} ({files}); nothing uploaded")
+    else:
+        print(f"uploaded {folder} ({files}) to https://huggingface.co/{args.repo_id}")
     return 0
 
 
@@ -99,12 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_prepare)
 
     evaluate = sub.add_parser("eval", help="test loss and smoke test of a run's checkpoint")
-    evaluate.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/tiny/baseline")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR|SOURCE",
+                          help="a run directory, e.g. outputs/tiny/baseline; with --scale also a model "
+                               "folder or Hub repo id, e.g. openai-community/gpt2")
+    evaluate.add_argument("--scale", default=None,
+                          help="score SOURCE on this scale's test slice (printed, not written)")
     evaluate.add_argument("--checkpoint", default="best", help="best (default), latest or step-N")
     evaluate.add_argument("--batches", type=int, default=None,
                           help="test batches (default eval.batches; -1 = all that fit)")
     evaluate.add_argument("--device", default=None, help="cpu or cuda (default: as trained)")
     evaluate.set_defaults(func=cmd_eval)
+
+    publish = sub.add_parser("publish", help="upload a run's model to the Hugging Face Hub")
+    publish.add_argument("run_dir", type=Path, help="a run directory, e.g. outputs/tiny/baseline")
+    publish.add_argument("repo_id", help="the model repo, <owner>/<name>")
+    publish.add_argument("--checkpoint", default="best", help="best (default), latest or step-N")
+    publish.add_argument("--private", action="store_true", help="create the repo private")
+    publish.add_argument("--dry-run", action="store_true",
+                         help="only write the folder (for inspection); upload nothing")
+    publish.add_argument("--out", type=Path, default=None, help="the folder (default RUN_DIR/publish)")
+    publish.set_defaults(func=cmd_publish)
 
     sweep = sub.add_parser("sweep", help="render notebooks/train.ipynb per run, then the summary")
     sweep.add_argument("--scale", default="tiny", help="a file of parameters/scales (default tiny)")
@@ -118,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--outputs", type=Path, default=None,
                        help="runs folder (default: the repository's outputs/)")
     sweep.set_defaults(func=cmd_sweep)
+
+    from gptlib import bench, spikes  # each module owns its arguments
+
+    spike = sub.add_parser("spikes", help="the loss spikes of a run and the data behind each")
+    spikes.add_arguments(spike)
+    spike.set_defaults(func=spikes.run)
+
+    benchmark = sub.add_parser("bench", help="throughput, MFU and memory vs the book's code")
+    bench.add_arguments(benchmark)
+    benchmark.set_defaults(func=bench.run)
     return parser
 
 

@@ -222,3 +222,159 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         out["published Δ"] = [_fmt(v, "+.6f") for v in df["reference_delta"]]
     out["error"] = df["error"]
     return out.set_index("run")
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise-aware comparison over seeds, and stacked interventions vs the sum of their parts
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def t_quantile_975(dof: float) -> float:
+    """t_{0.975} for `dof` degrees of freedom, rounded down to a whole number (conservative)."""
+    whole = max(1, math.floor(dof))
+    return T_975[whole - 1] if whole <= len(T_975) else 1.96
+
+
+def _group(interventions: object) -> str | None:
+    if not isinstance(interventions, list):
+        return None
+    return "+".join(interventions) or "baseline"
+
+
+def _finished(df: pd.DataFrame) -> pd.DataFrame:
+    done = df[df["test_loss"].notna()].copy()
+    done["group"] = done["interventions"].apply(_group)
+    return done[done["group"].notna()]
+
+
+def published_seed_sd(scale: str) -> float | None:
+    """The series' baseline seed SD for a full-scale preset (None for other scales)."""
+    sd = reference_results(scale)["seed_sd"].dropna()
+    return float(sd.iloc[0]) if len(sd) else None
+
+
+def noise_table(df: pd.DataFrame, reference_sd: float | None = None) -> pd.DataFrame:
+    """Per intervention (runs grouped over seeds): n, mean test loss, sample SD (n - 1), the
+    difference of its mean from the baseline's mean, that difference in baseline-seed SDs, a 95%
+    confidence interval of the difference and whether it is within noise (the interval holds 0).
+
+    The interval is Welch's: SE = sqrt(s_i^2 / n_i + s_b^2 / n_b) with Welch-Satterthwaite degrees of
+    freedom; an intervention run with one seed borrows the baseline's SD as its own run-to-run
+    noise. With fewer than two baseline seeds the baseline SD is `reference_sd` (the published one
+    for the full-scale presets) or unknown, and so are the intervals."""
+    done = _finished(df)
+    rows = []
+    base = done.loc[done["group"] == "baseline", "test_loss"].tolist()
+    base_sd = statistics.stdev(base) if len(base) >= 2 else reference_sd
+    base_mean = statistics.fmean(base) if base else None
+    for group, losses in done.groupby("group", sort=False)["test_loss"]:
+        losses = losses.tolist()
+        n = len(losses)
+        sd = statistics.stdev(losses) if n >= 2 else None
+        row = {"intervention": group, "n": n, "mean": statistics.fmean(losses), "sd": sd,
+               "delta": None, "delta_sd": None, "ci_low": None, "ci_high": None,
+               "within_noise": None}
+        if base_mean is not None and group != "baseline":
+            delta = row["mean"] - base_mean
+            row["delta"] = delta
+            if base_sd:
+                row["delta_sd"] = delta / base_sd
+                own_sd = sd if sd is not None else base_sd
+                n_base = max(len(base), 1)
+                se = math.sqrt(own_sd**2 / n + base_sd**2 / n_base)
+                dof = _welch_dof(own_sd, n, base_sd, n_base)
+                half = t_quantile_975(dof) * se
+                row.update(ci_low=delta - half, ci_high=delta + half,
+                           within_noise=bool(delta - half <= 0 <= delta + half))
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["intervention", "n", "mean", "sd", "delta", "delta_sd",
+                                        "ci_low", "ci_high", "within_noise"])
+    table.attrs["baseline_sd"] = base_sd
+    table.attrs["baseline_n"] = len(base)
+    return table
+
+
+def _welch_dof(s1: float, n1: int, s2: float, n2: int) -> float:
+    """Welch-Satterthwaite degrees of freedom. With one run on a side, its variance is borrowed
+    from the other side, so only that side's n - 1 degrees of freedom are real."""
+    if min(n1, n2) == 1:
+        return max(max(n1, n2) - 1, 1)
+    a, b = s1**2 / n1, s2**2 / n2
+    return (a + b) ** 2 / (a**2 / (n1 - 1) + b**2 / (n2 - 1)) if a + b else n1 + n2 - 2
+
+
+def seed_noise(df: pd.DataFrame) -> pd.DataFrame:
+    """The baseline's run-to-run spread, split where runs allow it: over `random_seed` (everything
+    changes), over the initialisation alone (random_seed varies, training_seed fixed) and over
+    data order/dropout alone (training_seed varies, random_seed fixed)."""
+    done = _finished(df)
+    base = done[done["group"] == "baseline"]
+    seeds = [s if isinstance(s, (tuple, list)) else (s, None) for s in base["seed"]]
+    losses = base["test_loss"].tolist()
+    rows = []
+
+    def add(source: str, values: list[float]) -> None:
+        if len(values) >= 2:
+            rows.append({"source": source, "n": len(values), "sd": statistics.stdev(values),
+                         "range": max(values) - min(values)})
+
+    add("random_seed (initialisation + data order + dropout)",
+        [loss for (_, training), loss in zip(seeds, losses, strict=True) if training is None])
+    for fixed in sorted({t for _, t in seeds if t is not None}):
+        add(f"initialisation only (training_seed {fixed}, random_seed varies)",
+            [loss for (_, t), loss in zip(seeds, losses, strict=True) if t == fixed])
+    for fixed in sorted({r for r, t in seeds if t is not None}):
+        add(f"data order + dropout only (random_seed {fixed}, training_seed varies)",
+            [loss for (r, t), loss in zip(seeds, losses, strict=True) if r == fixed and t is not None])
+    return pd.DataFrame(rows, columns=["source", "n", "sd", "range"])
+
+
+def _delta_items(scale: str, group: str) -> frozenset:
+    """The config changes an intervention (or `+` combination) makes to the scale's baseline."""
+    from gptlib.config import resolve_config
+
+    def flat(data: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            elif key not in ("interventions",):
+                out[prefix + key] = value
+        return out
+
+    base = flat(resolve_config(scale).to_dict())
+    mine = flat(resolve_config(scale, group).to_dict())
+    return frozenset((k, repr(v)) for k, v in mine.items() if base.get(k) != v)
+
+
+def stacking_table(df: pd.DataFrame, scale: str) -> pd.DataFrame:
+    """For each run whose changes are exactly the union of other runs' changes (stacked-1 =
+    gradient-clipping + no-dropout + weight-decay-gpt2 + learning-rate-schedule, or any a+b),
+    its measured gain over the baseline beside the sum of its parts' gains (gain = baseline mean
+    - mean, positive = better). Parts are the largest such runs present."""
+    noise = noise_table(df).set_index("intervention")
+    groups = [g for g in noise.index if g != "baseline" and noise.loc[g, "delta"] is not None
+              and not math.isnan(noise.loc[g, "delta"])]
+    deltas = {}
+    for group in groups:
+        try:
+            deltas[group] = _delta_items(scale, group)
+        except ValueError:  # an intervention file that no longer exists
+            continue
+    rows = []
+    for group, changes in deltas.items():
+        inside = [g for g, c in deltas.items() if g != group and c and c < changes]
+        parts = [g for g in inside if not any(deltas[g] < deltas[o] for o in inside)]
+        disjoint = sum(len(deltas[p]) for p in parts) == len(changes)
+        if len(parts) < 2 or not disjoint or frozenset().union(*(deltas[p] for p in parts)) != changes:
+            continue
+        gain = -noise.loc[group, "delta"]
+        parts_gain = sum(-noise.loc[p, "delta"] for p in parts)
+        rows.append({"run": group, "parts": " + ".join(sorted(parts)), "measured_gain": gain,
+                     "sum_of_parts": parts_gain, "interaction": gain - parts_gain})
+    return pd.DataFrame(rows, columns=["run", "parts", "measured_gain", "sum_of_parts",
+                                       "interaction"])

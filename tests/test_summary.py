@@ -130,3 +130,84 @@ def test_no_runs_yet(tmp_path: Path) -> None:
     assert charts.loss_charts(df) == []
     one = summary.collect_runs(tmp_path, "tiny", "baseline")
     assert list(one["status"]) == ["not run"]
+
+
+# ------------------------------------------------------------------------------- noise and stacking
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Path:
+    losses = {"baseline": [3.70, 3.66, 3.68], "no-dropout": [3.60, 3.62, 3.64],
+              "gradient-clipping": [3.69, 3.67, 3.66]}
+    for group, values in losses.items():
+        for seed, loss in zip((42, 43, 44), values, strict=True):
+            name = group + ("" if seed == 42 else f"-seed{seed}")
+            make_run(tmp_path, name, "completed", loss,
+                     () if group == "baseline" else (group,), seed=seed)
+    make_run(tmp_path, "gradient-clipping+no-dropout", "completed", 3.57,
+             ("gradient-clipping", "no-dropout"))
+    make_run(tmp_path, "qkv-bias", "failed", None, ("qkv-bias",))
+    return tmp_path
+
+
+def sample_sd(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def test_noise_table_means_sds_and_intervals(seeded: Path) -> None:
+    table = summary.noise_table(summary.collect_runs(seeded, "tiny")).set_index("intervention")
+    base = [3.70, 3.66, 3.68]
+    nodrop = [3.60, 3.62, 3.64]
+    assert table.loc["baseline", "n"] == 3 and "qkv-bias" not in table.index  # failed: no loss
+    assert table.loc["baseline", "sd"] == pytest.approx(sample_sd(base))
+    assert table.loc["no-dropout", "mean"] == pytest.approx(3.62)
+    delta = 3.62 - 3.68
+    assert table.loc["no-dropout", "delta"] == pytest.approx(delta)
+    assert table.loc["no-dropout", "delta_sd"] == pytest.approx(delta / 0.02)
+    # Equal SDs (0.02) and n = 3 on both sides: Welch's dof = 4, t = 2.776.
+    se = (0.02**2 / 3 + 0.02**2 / 3) ** 0.5
+    assert table.loc["no-dropout", "ci_low"] == pytest.approx(delta - 2.776 * se)
+    assert table.loc["no-dropout", "ci_high"] == pytest.approx(delta + 2.776 * se)
+    assert not table.loc["no-dropout", "within_noise"]
+    assert table.loc["gradient-clipping", "within_noise"]  # -0.006 against a 0.02 SD
+    assert table.loc["no-dropout", "sd"] == pytest.approx(sample_sd(nodrop))
+    # One seed only: borrows the baseline SD, dof n_b - 1 = 2.
+    single = table.loc["gradient-clipping+no-dropout"]
+    assert single["n"] == 1 and single["ci_high"] - single["delta"] == pytest.approx(
+        4.303 * (0.02**2 / 1 + 0.02**2 / 3) ** 0.5)
+
+
+def test_stacking_compares_with_the_sum_of_parts(seeded: Path) -> None:
+    stack = summary.stacking_table(summary.collect_runs(seeded, "tiny"), "tiny")
+    assert stack["run"].tolist() == ["gradient-clipping+no-dropout"]
+    row = stack.iloc[0]
+    assert row["parts"] == "gradient-clipping + no-dropout"
+    assert row["measured_gain"] == pytest.approx(3.68 - 3.57)
+    assert row["sum_of_parts"] == pytest.approx((3.68 - 3.62) + (3.68 - 3.673333333))
+    assert row["interaction"] == pytest.approx(row["measured_gain"] - row["sum_of_parts"])
+
+
+def test_seed_noise_splits_initialisation_from_data_order(tmp_path: Path) -> None:
+    for name, seed, training_seed, loss in [("baseline", 42, None, 3.70),
+                                            ("baseline-seed43", 43, None, 3.66),
+                                            ("baseline-tseed1", 42, 1, 3.69),
+                                            ("baseline-seed43-tseed1", 43, 1, 3.64),
+                                            ("baseline-tseed2", 42, 2, 3.71)]:
+        run_dir = make_run(tmp_path, name, "completed", loss, seed=seed)
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["train"]["training_seed"] = training_seed
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    noise = summary.seed_noise(summary.collect_runs(tmp_path, "tiny")).set_index("source")
+    assert noise.loc["random_seed (initialisation + data order + dropout)", "sd"] == pytest.approx(
+        sample_sd([3.70, 3.66]))
+    assert noise.loc["initialisation only (training_seed 1, random_seed varies)", "sd"] == \
+        pytest.approx(sample_sd([3.69, 3.64]))
+    assert noise.loc["data order + dropout only (random_seed 42, training_seed varies)", "sd"] == \
+        pytest.approx(sample_sd([3.69, 3.71]))
+
+
+def test_t_quantiles() -> None:
+    assert summary.t_quantile_975(1) == 12.706
+    assert summary.t_quantile_975(4.7) == 2.776  # rounded down: conservative
+    assert summary.t_quantile_975(500) == 1.96
