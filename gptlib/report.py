@@ -29,10 +29,10 @@ from plotly.offline import get_plotlyjs
 
 from gptlib.charts import grad_norm_chart, loss_chart, lr_chart, save_run_charts
 from gptlib.checkpoint import CheckpointError
-from gptlib.config import ConfigError, RunConfig, resolve_config
+from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
-from gptlib.launch import LaunchError, default_run_dir, launch, prepare_run
-from gptlib.paths import OUTPUTS_DIR, REPO_ROOT
+from gptlib.launch import LaunchError, launch, prepare_run
+from gptlib.paths import REPO_ROOT
 from gptlib.summary import read_summary
 from gptlib.train import end_of_run_lines
 
@@ -225,22 +225,8 @@ class Progress:
 # ------------------------------------------------------------------------------ the run
 
 
-def prepare(
-    scale: str = "tiny",
-    intervention: str | list[str] = "baseline",
-    seed: int | None = None,
-    overrides: dict | list[str] | None = None,
-    nproc: int | str | None = None,
-    run_dir: str | Path | None = None,
-    resume: str | None = None,
-    overwrite: bool = False,
-) -> tuple[RunConfig, Path, int]:
-    """:func:`gptlib.launch.prepare_run`, with the run directory defaulting to
-    ``<repo>/outputs/<scale>/<run-name>`` whatever the current directory is."""
-    if run_dir is None:
-        cfg = resolve_config(scale, intervention, seed=seed, overrides=overrides, nproc=nproc)
-        run_dir = default_run_dir(cfg, OUTPUTS_DIR)
-    return prepare_run(scale, intervention, seed, overrides, nproc, run_dir, resume, overwrite)
+# Validation and the run directory (<repo>/outputs/<scale>/<run-name> by default) are the launcher's.
+prepare = prepare_run
 
 
 def train(run_dir: str | Path, nproc: int, resume: str | None = None,
