@@ -86,7 +86,10 @@ def prepare_run(
     check_disk_space(cfg, run_dir, total_steps)
     config_path = run_dir / "config.yaml"
     if resume:
-        ckpt.resolve_checkpoint(run_dir, resume)
+        written_by = ckpt.read_meta(ckpt.resolve_checkpoint(run_dir, resume))["world_size"]
+        if written_by != world_size:
+            raise ConfigError(f"checkpoint {resume} of {run_dir} was written by {written_by} "
+                              f"processes; resume it with --nproc {written_by}")
         stored = load_config(config_path)
         if stored.to_dict() != cfg.to_dict():
             changed = sorted(_differences(stored.to_dict(), cfg.to_dict()))

@@ -243,7 +243,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     if ctx.rank == 0:
         ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
     metrics_path = run_dir / "metrics.jsonl"
-
     spikes_path = run_dir / "spikes.json"
     detector = SpikeDetector(t.spike_window, t.spike_threshold)
     spikes: list[dict] = []
@@ -256,7 +255,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
                 detector.update(r["loss"])
         if spikes_path.exists() and resume:
             spikes = [s for s in json.loads(spikes_path.read_text()) if s["step"] < start_step]
-        write_summary(run_dir, {"status": "running", "run_name": cfg.run_name,
+        write_summary(run_dir, {"status": "running", "error": None, "run_name": cfg.run_name,
                                 "scale": cfg.scale, "interventions": cfg.interventions,
                                 "world_size": ctx.world_size, "device": str(ctx.device),
                                 "precision": precision, "total_steps": total_steps})

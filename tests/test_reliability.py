@@ -359,3 +359,13 @@ def test_a_hub_token_in_the_environment_is_written_nowhere(dataset: Path, tmp_pa
     assert len(files) > 10
     for path in files:
         assert token.encode() not in path.read_bytes(), path
+
+
+def test_resume_with_another_world_size_is_refused(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "r"
+    assert cli("train", "--run-dir", str(run_dir), *set_args(micro(dataset))).returncode == 0
+    result = cli("train", "--run-dir", str(run_dir), "--resume", "latest", "--nproc", "2",
+                 *set_args(micro(dataset)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint latest of {run_dir} was written by 1 processes; resume it with --nproc 1"]
