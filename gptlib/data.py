@@ -14,6 +14,8 @@ comes from is a pure function of the step.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -337,34 +339,84 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of dataset `repo_id` in the Hugging Face cache (`hf download` without
+    --local-dir, `HF_HUB_CACHE`) when it holds both token files; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in DATASET_FILES:
+        try:
+            path = try_to_load_from_cache(repo_id, name, repo_type="dataset")
+        except Exception:  # a malformed cache is the same as no cache
+            return None
+        if not isinstance(path, str):
+            return None
+        found.append(Path(path).parent)
+    return found[0] if found[0] == found[1] else None
+
+
+@contextlib.contextmanager
+def _machine_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` shared by every process of this machine (flock): the first
+    process (e.g. local rank 0) downloads, the others wait and then find the files."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as e:
+        raise DataError(
+            f"cannot create the dataset cache {path.parent} ({e.strerror}); "
+            "set GPTLIB_CACHE to a writable directory"
+        ) from e
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
-    """Download a dataset repo's two token files (or reuse them) into the cache."""
+    """The dataset repo's two token files: GPTLIB_CACHE's copy, else the Hugging Face cache's,
+    else downloaded once per machine into GPTLIB_CACHE (never when HF_HUB_OFFLINE is set).
+
+    Only the two files are fetched; a token comes from HF_TOKEN or `hf auth login`, never from here.
+    """
     owner, _, name = repo_id.partition("/")
     if not owner or not name or "/" in name:
         raise DataError(f"dataset hf:{repo_id!r} must name a repository as hf:<owner>/<name>")
     local_dir = cache_dir / "datasets" / "hf" / f"{owner}--{name}"
     if not _missing_files(local_dir):
         return local_dir
-    from huggingface_hub import constants, snapshot_download
+    snapshot = _hf_cache_snapshot(repo_id)
+    if snapshot is not None:
+        return snapshot
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
         raise DataError(
             f"hf:{repo_id} is not cached and HF_HUB_OFFLINE is set: download "
-            f"{' and '.join(DATASET_FILES)} of dataset {repo_id} into {local_dir}, "
-            "or unset HF_HUB_OFFLINE"
+            f"{' and '.join(DATASET_FILES)} of dataset {repo_id} into {local_dir} "
+            f"(hf download {repo_id} {' '.join(DATASET_FILES)} --repo-type dataset --local-dir "
+            f"{local_dir}), or unset HF_HUB_OFFLINE"
         )
-    try:
-        snapshot_download(
-            repo_id=repo_id,
-            repo_type="dataset",
-            allow_patterns=list(DATASET_FILES),
-            local_dir=local_dir,
-        )
-    except Exception as e:  # network, authentication, unknown repository ...
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(
-            f"could not download dataset hf:{repo_id} into {local_dir}: {type(e).__name__}: {reason}"
-        ) from e
+    with _machine_lock(local_dir.parent / f".{local_dir.name}.lock"):
+        if not _missing_files(local_dir):  # another process of this machine fetched it meanwhile
+            return local_dir
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(
+                repo_id=repo_id,
+                repo_type="dataset",
+                allow_patterns=list(DATASET_FILES),
+                local_dir=local_dir,
+            )
+        except Exception as e:  # network, authentication, unknown repository ...
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(
+                f"could not download dataset hf:{repo_id} into {local_dir}: {type(e).__name__}: {reason}"
+            ) from e
     missing = _missing_files(local_dir)
     if missing:
         raise DataError(f"dataset hf:{repo_id} has no {', '.join(missing)} at its top level")

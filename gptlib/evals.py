@@ -20,6 +20,7 @@ the CPU, so the text is reproducible and the global RNG is left untouched.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from gptlib.config import RunConfig, load_config
 from gptlib.data import BatchReader, DataError, TokenFile, resolve_dataset
 from gptlib.model import GPTModel, load_weights
 from gptlib.tokenizer import N_VOCAB, decode, encode
-from gptlib.train import autocast_context, pick_device, write_summary
+from gptlib.train import autocast_context, pick_device, resolve_precision, write_summary
 
 __all__ = [
     "EvalResult",
@@ -42,6 +43,7 @@ __all__ = [
     "generate",
     "smoke_test",
     "evaluate_run",
+    "evaluate_model",
 ]
 
 
@@ -212,3 +214,28 @@ def evaluate_run(
         write_summary(Path(run_dir), asdict(result))
     return result
 
+
+def evaluate_model(
+    model: GPTModel, cfg: RunConfig, batches: int | None = None, label: str = "model"
+) -> EvalResult:
+    """Test loss and smoke test of a model that is not a run's checkpoint (e.g. OpenAI GPT-2 from
+    ``gptlib.hub.load_model``) on the test slice of ``cfg`` (a scale's config: its dataset, eval
+    settings, context length and precision); nothing is written. ``label`` names the model in
+    ``eval_checkpoint``."""
+    if model.cfg.context_length < cfg.model.context_length:
+        raise DataError(
+            f"{label} has context length {model.cfg.context_length}, shorter than the "
+            f"{cfg.model.context_length}-token windows of scale {cfg.scale}'s test slice"
+        )
+    device = next(model.parameters()).device
+    cfg = copy.deepcopy(cfg)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    loss, n, precision = test_loss(model, cfg, batches)
+    return EvalResult(
+        test_loss=loss,
+        smoke_text=smoke_test(model, cfg),
+        eval_checkpoint=label,
+        eval_batches=n,
+        eval_tokens=n * cfg.eval.batch_size * cfg.model.context_length,
+        eval_precision=precision,
+    )

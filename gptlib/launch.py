@@ -35,7 +35,7 @@ DEFAULT_OUTPUTS = OUTPUTS_DIR  # <repo>/outputs whatever the current directory
 # Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
 # which papermill may be writing at that moment).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs",
-             "charts")
+             "charts", "publish")
 TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
 LOCK_FILE = ".lock"
