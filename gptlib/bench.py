@@ -1,0 +1,872 @@
+"""`gptlib bench`: training-step throughput, MFU and peak memory of gptlib's model and loop, side by side
+with the reference -- the book's `llms_from_scratch.ch04.GPTModel` trained the way the series' loop
+does it (manual masked attention, plain AdamW, `loss.item()` every micro-batch) -- on identical
+shapes, data (seeded random tokens), initial weights (same seed) and optimizer settings.
+
+Every measurement runs in a fresh subprocess (`python -m gptlib.bench --worker SPEC`), so each side's
+peak resident memory (VmHWM, read after its steps) is its own. `--rounds N` repeats each side's
+process N times, alternating which side goes first, and takes medians over all rounds: on a shared
+machine a drift in load then favours neither side. Per precision:
+
+* training: per round `warmup` untimed steps, then `steps` timed steps of one micro-batch each
+  (forward, backward, AdamW); tokens/s = the micro-batch's tokens / the median step time. gptlib's
+  step is the training loop's: `model(inputs, targets)` under the run's autocast (the chunked loss,
+  no logits tensor), the global gradient norm, the non-finite check, fused AdamW (on CPU too),
+  `zero_grad(set_to_none=True)`, no `.item()`.
+* evaluation (test loss): `eval_batches` timed batches of [eval_batch_size, context] tokens (default
+  eval_batch_size = the micro-batch), the same tokens on both sides. gptlib: `eval()`,
+  `torch.inference_mode()`, SDPA (its flash kernel: no dropout in eval) and the chunked loss;
+  reference: `eval()`, `torch.no_grad()`, the book's forward, `F.cross_entropy` of the logits and
+  `.item()` per batch, as the series' test loss does. The target compares gptlib in bf16 (where the
+  device runs it natively) with the reference in fp32; the like-for-like ratios are shown too.
+* data reader (once): resident-memory growth of reading every micro-batch, in order, of a 10M- and
+  of a 500M-token uint16 token file: gptlib's `BatchReader` against reading the whole split into
+  memory (the series' loader); split into anonymous and file-backed (page cache mapped in) memory.
+
+MFU = tokens/s x `gptlib.model.flops_per_token` / the device's peak (`gptlib.metrics.peak_flops`:
+the data-sheet table on GPUs, a measured matmul on CPUs, per precision); evaluation uses a third of
+the FLOPs (forward only). The table's CPU column (CPU time / (wall time x threads)) shows how much of
+the machine each side got: well under 100% means others were using it and the timings are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gptlib.config import ModelConfig
+from gptlib.model import flops_per_token
+
+SIDES = ("reference", "gptlib")
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUICK_SHAPE = {"layers": 2, "heads": 2, "emb": 64, "context": 64, "microbatch": 2}
+DEFAULT_DATA_TOKENS = (10_000_000, 500_000_000)
+QUICK_DATA_TOKENS = (1_000_000, 20_000_000)
+# Issue #6's targets.
+TARGET_TOKENS_PER_S = 1.3
+TARGET_PEAK_RSS = 0.7
+TARGET_EVAL = 2.0
+TARGET_DATA_GROWTH_MB = 64.0
+BUSY_CPU_USE = 0.8  # below this share of its threads' CPU time, a side competed for the cores
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run (bad option, failed worker); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Process measurements
+
+
+def _proc_status_mb(key: str) -> float | None:
+    """A `VmRSS` / `VmHWM` line of /proc/self/status in MB (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process, MB."""
+    value = _proc_status_mb("VmRSS")
+    return value if value is not None else peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB (VmHWM, else ru_maxrss)."""
+    value = _proc_status_mb("VmHWM")
+    if value is not None:
+        return value
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**2
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); True if it worked."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers (each runs in a fresh process)
+
+
+def _model_config(spec: dict) -> ModelConfig:
+    return ModelConfig(**spec["model"])
+
+
+def _build_model(side: str, cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """The side's model with seeded initial weights (the same for both sides: same creation order)."""
+    torch.manual_seed(seed)
+    if side == "reference":
+        from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+
+        return BookGPTModel(dataclasses.asdict(cfg))
+    from gptlib.model import GPTModel
+
+    return GPTModel(cfg)
+
+
+def _batches(cfg: ModelConfig, rows: int, count: int, seed: int) -> torch.Tensor:
+    """`count` batches of `rows` windows of context + 1 tokens, deterministic in `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (count, rows, cfg.context_length + 1), generator=generator)
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The training loop's autocast (it also sets TF32 as the loop does), for both sides."""
+    from gptlib.train import autocast_context
+
+    return autocast_context(precision, device)
+
+
+def _apply_ablations(ablate: list[str]) -> None:
+    """Switch off one of gptlib's fast paths, to measure what it brings (`--ablate`)."""
+    from gptlib import model as model_module
+
+    if "blockwise-attention" in ablate:
+        model_module.CPU_DROPOUT_ATTENTION = False
+
+
+def train_worker(spec: dict) -> dict:
+    """Time `warmup + steps` training steps of one side; peak RSS and per-step losses."""
+    cfg, side, precision = _model_config(spec), spec["side"], spec["precision"]
+    device = torch.device(spec["device"])
+    ablate = spec.get("ablate", [])
+    _apply_ablations(ablate)
+    rss_start = rss_mb()
+    model = _build_model(side, cfg, spec["seed"]).to(device)
+    model.train()
+    n_steps = spec["warmup"] + spec["steps"]
+    data = _batches(cfg, spec["microbatch"], n_steps, spec["seed"] + 1)
+    autocast = _autocast(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    lr, wd = spec["learning_rate"], spec["weight_decay"]
+    step: Callable[[torch.Tensor, torch.Tensor], Any]
+    if side == "reference":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)  # plain AdamW
+
+        def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+            optimizer.zero_grad()
+            with autocast:
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            return loss.item()  # the series reads the loss every micro-batch
+    else:
+        from gptlib.config import TrainConfig
+        from gptlib.optim import param_groups
+
+        fused = "fused-adamw" not in ablate
+        optimizer = torch.optim.AdamW(
+            param_groups(model, TrainConfig(learning_rate=lr, weight_decay=wd)), lr=lr,
+            fused=fused or None,
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        chunked_loss = "chunked-loss" not in ablate
+        net = torch.compile(model) if spec["compile"] else model
+
+        def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            with autocast:
+                if chunked_loss:
+                    loss = net(inputs, targets)
+                else:  # the loop's current form: logits, then cross-entropy
+                    loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten())
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            elif bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # the loop's skip check
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+    rss_ready = rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, cpu_times, losses = [], [], []
+    load_start = loadavg()
+    for i in range(n_steps):
+        inputs, targets = (t.to(device, non_blocking=True) for t in (data[i, :, :-1], data[i, :, 1:]))
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses.append(step(inputs, targets))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+        if spec.get("verbose"):
+            kind = "warm-up" if i < spec["warmup"] else "step"
+            print(f"  {side} {precision} {kind} {i + 1}/{n_steps}: {times[-1]:.2f} s", file=sys.stderr,
+                  flush=True)
+    tokens = spec["microbatch"] * cfg.context_length
+    return {
+        "side": side,
+        "precision": precision,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "compile": bool(spec["compile"]) and side == "gptlib",
+        "fused_adamw": side == "gptlib" and "fused-adamw" not in ablate,
+        "ablate": ablate,
+        "step_times_s": times,
+        "step_cpu_times_s": cpu_times,
+        "tokens_per_step": tokens,
+        "losses": [float(x) for x in losses],
+        "rss_start_mb": rss_start,
+        "rss_ready_mb": rss_ready,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 1024**2
+                           if device.type == "cuda" else None),
+        "loadavg": [load_start, loadavg()],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def eval_worker(spec: dict) -> dict:
+    """Time test-loss batches of one side (gptlib's evaluation or the series' forward pass)."""
+    cfg, side, precision = _model_config(spec), spec["side"], spec["precision"]
+    device = torch.device(spec["device"])
+    model = _build_model(side, cfg, spec["seed"]).to(device).eval()
+    n = spec["warmup"] + spec["batches"]
+    data = _batches(cfg, spec["batch_size"], n, spec["seed"] + 2)
+    autocast = _autocast(precision, device)
+    times, cpu_times, losses = [], [], []
+    load_start = loadavg()
+    for i in range(n):
+        inputs, targets = (t.to(device) for t in (data[i, :, :-1], data[i, :, 1:]))
+        _sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if side == "reference":
+            with torch.no_grad(), autocast:
+                logits = model(inputs)
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            losses.append(loss.item())
+        else:
+            with torch.inference_mode(), autocast:
+                losses.append(model(inputs, targets).float())
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "side": side,
+        "precision": precision,
+        "batch_shape": [spec["batch_size"], cfg.context_length],
+        "batch_times_s": times,
+        "batch_cpu_times_s": cpu_times,
+        "tokens_per_step": spec["batch_size"] * cfg.context_length,
+        "losses": [float(x) for x in losses],
+        "peak_rss_mb": peak_rss_mb(),
+        "loadavg": [load_start, loadavg()],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def data_worker(spec: dict) -> dict:
+    """Resident memory of opening a token file and reading its micro-batches in order (every one,
+    or `batches` spread evenly over the file): what a run does to its training split."""
+    from gptlib.data import BatchReader, TokenFile
+
+    path, microbatch, context = Path(spec["path"]), spec["microbatch"], spec["context"]
+    before = {key: _proc_status_mb(key) for key in ("VmRSS", "RssAnon", "RssFile")}
+    reset_peak_rss()
+    start = time.perf_counter()
+    block = microbatch * context
+    if spec["loader"] == "gptlib":
+        reader = BatchReader(TokenFile(path), microbatch, context, 1, 1)
+        blocks = reader.max_steps
+
+        def read(i: int) -> torch.Tensor:
+            return reader.get(i, 0, 0)[0]
+    else:  # the series' loader: the whole split read into memory
+        tokens = load_whole_token_file(path)
+        blocks = (len(tokens) - 1) // block
+
+        def read(i: int) -> torch.Tensor:
+            window = tokens[i * block : (i + 1) * block + 1].long()
+            return window[:-1].view(microbatch, context)  # the inputs, as BatchReader.get gives them
+
+    batches = spec.get("batches") or blocks
+    checksum = 0
+    for i in np.linspace(0, blocks - 1, min(batches, blocks)).astype(int).tolist():
+        checksum += int(read(i)[..., -1].sum())
+    after = {key: _proc_status_mb(key) for key in ("VmRSS", "RssAnon", "RssFile")}
+    peak = peak_rss_mb()
+    return {
+        "loader": spec["loader"],
+        "tokens": spec["tokens"],
+        "file_mb": path.stat().st_size / 1024**2,
+        "batches_read": min(batches, blocks),
+        "seconds": time.perf_counter() - start,
+        "rss_before_mb": before["VmRSS"],
+        "peak_rss_mb": peak,
+        "growth_mb": max(peak, after["VmRSS"] or 0) - (before["VmRSS"] or 0),
+        # Anonymous memory is the process's own; file-backed pages are the page cache mapped in
+        # (reclaimable, and shared by every rank that maps the same file).
+        "anon_growth_mb": _difference(after["RssAnon"], before["RssAnon"]),
+        "file_growth_mb": _difference(after["RssFile"], before["RssFile"]),
+        "checksum": checksum,
+    }
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
+WORKERS: dict[str, Callable[[dict], dict]] = {
+    "train": train_worker,
+    "eval": eval_worker,
+    "data": data_worker,
+}
+
+
+def run_worker(spec: dict, timeout: float | None = None) -> dict:
+    """Run one measurement in a fresh Python process and return its result."""
+    with tempfile.TemporaryDirectory(prefix="gptlib-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "gptlib.bench", "--worker", json.dumps(spec),
+                   "--worker-out", str(out)]
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout)
+        if proc.stderr and spec.get("verbose"):
+            sys.stderr.write(proc.stderr)
+        if proc.returncode != 0 or not out.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise BenchError(f"{spec['task']} worker ({spec.get('side') or spec.get('loader')}, "
+                             f"{spec.get('precision', '')}) failed with exit code {proc.returncode}:\n{tail}")
+        return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Token files for the data-reader probe
+
+
+def write_synthetic_token_file(path: Path, n_tokens: int, chunk: int = 1 << 24) -> Path:
+    """A safetensors token file of `n_tokens` uint16 ids < 50257, written chunk by chunk."""
+    header = {"tokens": {"dtype": "U16", "shape": [n_tokens], "data_offsets": [0, 2 * n_tokens]}}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for start in range(0, n_tokens, chunk):
+            ids = np.arange(start, min(start + chunk, n_tokens), dtype=np.int64) * 7919 % 50257
+            f.write(ids.astype("<u2").tobytes())
+    return path
+
+
+def load_whole_token_file(path: Path) -> torch.Tensor:
+    """A token file's `tokens`, read whole into (anonymous) memory, as the series' loader holds it."""
+    dtypes = {"U16": "<u2", "I32": "<i4", "I64": "<i8"}
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(size))["tokens"]
+        start, stop = info["data_offsets"]
+        f.seek(8 + size + start)
+        dtype = np.dtype(dtypes[info["dtype"]])
+        return torch.from_numpy(np.fromfile(f, dtype=dtype, count=(stop - start) // dtype.itemsize))
+
+
+def data_probe(token_counts: tuple[int, ...], microbatch: int, context: int, batches: int,
+               workdir: Path | None = None, verbose: bool = False) -> dict:
+    """Memory growth per loader and file size, and the growth from the smallest to the largest file."""
+    with tempfile.TemporaryDirectory(prefix="gptlib-bench-data-", dir=workdir) as tmp:
+        files = {n: write_synthetic_token_file(Path(tmp) / f"tokens-{n}.safetensors", n)
+                 for n in token_counts}
+        result: dict[str, Any] = {"tokens": list(token_counts), "microbatch": microbatch,
+                                  "context": context, "batches_read": batches}
+        for loader in ("gptlib", "series"):
+            runs = {}
+            for n, path in files.items():
+                if verbose:
+                    print(f"bench: data reader {loader}, {n:,} tokens", file=sys.stderr, flush=True)
+                runs[str(n)] = run_worker({"task": "data", "loader": loader, "path": str(path),
+                                           "tokens": n, "microbatch": microbatch, "context": context,
+                                           "batches": batches})
+            small, large = runs[str(min(token_counts))], runs[str(max(token_counts))]
+            result[loader] = {"runs": runs, "growth_mb": large["growth_mb"] - small["growth_mb"]}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def resolve_shape(args: argparse.Namespace) -> tuple[ModelConfig, int]:
+    """(model config, micro-batch size) from --scale, --quick and the shape flags (flags win)."""
+    cfg, microbatch = ModelConfig(), 1
+    if args.scale:
+        from gptlib.config import resolve_config
+
+        run = resolve_config(args.scale)
+        cfg, microbatch = run.model, run.train.microbatch_size
+    if args.quick:
+        cfg = dataclasses.replace(cfg, n_layers=QUICK_SHAPE["layers"], n_heads=QUICK_SHAPE["heads"],
+                                  emb_dim=QUICK_SHAPE["emb"], context_length=QUICK_SHAPE["context"])
+        microbatch = QUICK_SHAPE["microbatch"]
+    changes = {name: value for name, value in (
+        ("n_layers", args.layers), ("n_heads", args.heads), ("emb_dim", args.emb),
+        ("context_length", args.context), ("drop_rate", args.drop_rate), ("vocab_size", args.vocab),
+    ) if value is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    microbatch = args.microbatch if args.microbatch is not None else microbatch
+    if cfg.emb_dim % cfg.n_heads:
+        raise BenchError(f"--emb {cfg.emb_dim} is not divisible by --heads {cfg.n_heads}")
+    if min(cfg.n_layers, cfg.n_heads, cfg.emb_dim, cfg.context_length, cfg.vocab_size, microbatch) < 1:
+        raise BenchError("shape values must be >= 1")
+    if not 0 <= cfg.drop_rate < 1:
+        raise BenchError(f"--drop-rate {cfg.drop_rate} must be in [0, 1)")
+    return cfg, microbatch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda but no CUDA device is available; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def resolve_precisions(name: str, device: torch.device) -> list[str]:
+    precisions = ["fp32", "bf16"] if name == "both" else [name]
+    if "fp16" in precisions and device.type != "cuda":
+        raise BenchError("--precision fp16 needs CUDA (fp16 autocast + GradScaler); "
+                         "on a CPU use fp32 or bf16")
+    return precisions
+
+
+def _bf16_native(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from gptlib.train import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _target(name: str, value: float | None, op: str, threshold: float) -> dict:
+    checks = {">=": lambda v: v >= threshold, "<=": lambda v: v <= threshold, "<": lambda v: v < threshold}
+    met = None if value is None else checks[op](value)
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "met": met}
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run every measurement the options ask for; the JSON-ready result."""
+    cfg, microbatch = resolve_shape(args)
+    device = resolve_device(args.device)
+    precisions = resolve_precisions(args.precision, device)
+    steps = args.steps if args.steps is not None else (3 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
+    eval_batch = args.eval_batch_size if args.eval_batch_size is not None else microbatch
+    sides = ["gptlib"] if args.skip_reference else list(SIDES)
+    fpt = flops_per_token(cfg)
+    verbose = not args.quiet
+
+    def say(message: str) -> None:
+        if verbose:
+            print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    from gptlib.metrics import peak_flops
+
+    result: dict[str, Any] = {
+        "version": 1,
+        "command": ["gptlib", "bench", *(args.argv or [])],
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {
+            "device": device.type, "device_name": _device_name(device),
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "bf16_native": _bf16_native(device),
+            "loadavg_start": loadavg(),
+        },
+        "shape": {**dataclasses.asdict(cfg), "microbatch_size": microbatch,
+                  "tokens_per_step": microbatch * cfg.context_length},
+        "settings": {"steps": steps, "warmup": warmup, "rounds": args.rounds, "compile": args.compile,
+                     "seed": args.seed,
+                     "learning_rate": args.lr, "weight_decay": args.weight_decay,
+                     "eval_batch_size": eval_batch, "eval_batches": args.eval_batches,
+                     "ablate": args.ablate, "sides": sides},
+        "flops_per_token": fpt,
+        "peak_flops": {},
+        "train": {},
+        "eval": {},
+        "data": None,
+    }
+    base = {"model": dataclasses.asdict(cfg), "device": str(device), "seed": args.seed,
+            "verbose": verbose}
+    for index, precision in enumerate(precisions):
+        say(f"measuring the {precision} peak FLOP/s of {_device_name(device)}")
+        result["peak_flops"][precision] = peak_flops(device, precision)
+        peak = result["peak_flops"][precision]
+        train_spec = {**base, "task": "train", "precision": precision, "microbatch": microbatch,
+                      "steps": steps, "warmup": warmup, "compile": args.compile,
+                      "learning_rate": args.lr, "weight_decay": args.weight_decay}
+        rows = _measure_sides(index, args.rounds, "training", say, {
+            side: {**train_spec, "side": side, "ablate": args.ablate if side == "gptlib" else []}
+            for side in sides})
+        for row in rows.values():
+            row["mfu"] = row["tokens_per_s"] * fpt / peak if peak else None
+        if "reference" in rows:
+            ours, theirs = rows["gptlib"], rows["reference"]
+            rows["ratios"] = {
+                "tokens_per_s": _ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
+                "tokens_per_cpu_s": _ratio(ours["tokens_per_cpu_s"], theirs["tokens_per_cpu_s"]),
+                "peak_rss": _ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
+                "initial_loss_difference": abs(ours["losses"][0] - theirs["losses"][0]),
+                "peak_device": _ratio(ours["peak_device_mb"], theirs["peak_device_mb"]),
+            }
+        result["train"][precision] = rows
+
+        if args.eval_batches > 0:
+            eval_spec = {**base, "task": "eval", "precision": precision, "batch_size": eval_batch,
+                         "batches": args.eval_batches, "warmup": 1}
+            eval_rows = _measure_sides(index, args.rounds, "evaluation", say,
+                                       {side: {**eval_spec, "side": side} for side in sides})
+            for row in eval_rows.values():
+                row["mfu"] = row["tokens_per_s"] * fpt / 3 / peak if peak else None
+            if "reference" in eval_rows:
+                eval_rows["ratios"] = {
+                    "tokens_per_s": _ratio(eval_rows["gptlib"]["tokens_per_s"],
+                                           eval_rows["reference"]["tokens_per_s"]),
+                    "tokens_per_cpu_s": _ratio(eval_rows["gptlib"]["tokens_per_cpu_s"],
+                                               eval_rows["reference"]["tokens_per_cpu_s"]),
+                }
+            result["eval"][precision] = eval_rows
+
+    if not args.skip_data:
+        tokens = tuple(args.data_tokens) if args.data_tokens else (
+            QUICK_DATA_TOKENS if args.quick else DEFAULT_DATA_TOKENS)
+        say(f"data reader memory: {' vs '.join(f'{n:,}' for n in tokens)}-token files")
+        result["data"] = data_probe(tokens, microbatch, cfg.context_length, args.data_batches,
+                                    verbose=verbose)
+    result["machine"]["loadavg_end"] = loadavg()
+    result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    result["targets"] = targets(result)
+    return result
+
+
+def _measure_sides(index: int, rounds: int, what: str, say: Callable[[str], None],
+                   specs: dict[str, dict]) -> dict[str, Any]:
+    """Run each side's worker spec `rounds` times, alternating the order (it also flips with `index`,
+    the precision's position), so a drift in machine load favours neither side; merge each side's runs."""
+    sides = list(specs)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for r in range(rounds):
+        order = sides if (index + r) % 2 == 0 else sides[::-1]
+        for side in order:
+            spec = specs[side]
+            count = spec.get("steps", spec.get("batches"))
+            say(f"{what} {side} {spec['precision']} (round {r + 1}/{rounds}): {spec['warmup']} warm-up + "
+                f"{count} timed x {spec.get('microbatch', spec.get('batch_size'))} x "
+                f"{spec['model']['context_length']} tokens")
+            runs[side].append(run_worker(spec))
+    return {side: merge_rounds(results, specs[side]["warmup"]) for side, results in runs.items()}
+
+
+def merge_rounds(runs: list[dict], warmup: int) -> dict:
+    """One side's result over its rounds: medians over every round's timed steps, the largest peak
+    RSS, the first round's losses; per-round lists under `rounds`."""
+    key = "step_times_s" if "step_times_s" in runs[0] else "batch_times_s"
+    cpu_key = key.replace("times", "cpu_times")
+    timed = [t for run in runs for t in run[key][warmup:]]
+    cpu = [t for run in runs for t in run[cpu_key][warmup:]]
+    merged = dict(runs[0])
+    tokens = runs[0]["tokens_per_step"]
+    median = statistics.median(timed)
+    merged.update({
+        "rounds": len(runs),
+        key: [run[key] for run in runs],
+        cpu_key: [run[cpu_key] for run in runs],
+        "median_s": median,
+        "min_s": min(timed),
+        "tokens_per_s": tokens / median,
+        # Throughput per CPU-second of its threads: what it would reach with the cores to itself.
+        "tokens_per_cpu_s": tokens * runs[0]["threads"] / statistics.median(cpu),
+        "cpu_use": statistics.median(cpu) / (median * runs[0]["threads"]),
+        "peak_rss_mb": max(run["peak_rss_mb"] for run in runs),
+        "peak_device_mb": runs[0].get("peak_device_mb"),
+        "loadavg": [run["loadavg"] for run in runs],
+    })
+    return merged
+
+
+def targets(result: dict) -> list[dict]:
+    """Issue #6's targets that this run measured, each with its value and whether it is met."""
+    found = []
+    for precision, rows in result["train"].items():
+        if "ratios" in rows:
+            found.append(_target(f"train tokens/s vs reference ({precision})",
+                                 rows["ratios"]["tokens_per_s"], ">=", TARGET_TOKENS_PER_S))
+            found.append(_target(f"train peak RSS vs reference ({precision})",
+                                 rows["ratios"]["peak_rss"], "<=", TARGET_PEAK_RSS))
+    evals = result["eval"]
+    if evals and all("reference" in rows for rows in evals.values()):
+        # gptlib evaluates in bf16 where the device runs it natively (the `auto` precision); the
+        # series' test loss is the book's forward pass, in fp32 unless it autocasts (fp16, CUDA).
+        ours = "bf16" if "bf16" in evals and result["machine"].get("bf16_native") else next(iter(evals))
+        theirs = "fp32" if "fp32" in evals else next(iter(evals))
+        value = _ratio(evals[ours]["gptlib"]["tokens_per_s"], evals[theirs]["reference"]["tokens_per_s"])
+        found.append(_target(f"eval tokens/s, gptlib {ours} vs reference {theirs}", value, ">=",
+                             TARGET_EVAL))
+    if result["data"]:
+        growth = result["data"]["gptlib"]["growth_mb"]
+        found.append(_target("data reader RSS growth MB, small -> large file", growth, "<",
+                             TARGET_DATA_GROWTH_MB))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _percent(value: float | None) -> str:
+    return _fmt(None if value is None else 100 * value, ".0f", "%")
+
+
+def format_report(result: dict) -> str:
+    """The human-readable tables of a result."""
+    shape, machine, settings = result["shape"], result["machine"], result["settings"]
+    lines = [
+        f"gptlib bench: {shape['n_layers']} layers, {shape['n_heads']} heads, emb {shape['emb_dim']}, "
+        f"context {shape['context_length']}, vocab {shape['vocab_size']}, micro-batch "
+        f"{shape['microbatch_size']}, dropout {shape['drop_rate']}",
+        f"device: {machine['device_name']} ({machine['device']}, {machine['cpu_threads']} threads), "
+        f"torch {machine['torch']}; load average {machine['loadavg_start']} -> {machine.get('loadavg_end')}",
+        f"{settings['rounds']} round(s) x ({settings['warmup']} warm-up + {settings['steps']} timed steps) "
+        f"per side, each round a fresh process; medians; compile={settings['compile']}; "
+        f"{result['flops_per_token'] / 1e6:,.0f} MFLOP/token",
+        "CPU = CPU time / (wall time x threads): well below 100% means the machine was busy.",
+        "",
+        f"{'training step':<15}{'side':<11}{'tokens/s':>10}{'step s':>9}{'CPU':>6}{'MFU':>8}"
+        f"{'peak RSS MB':>13}{'first loss':>12}",
+    ]
+    for precision, rows in result["train"].items():
+        for side in SIDES:
+            if side in rows:
+                row = rows[side]
+                lines.append(
+                    f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
+                    f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}"
+                    f"{row['losses'][0]:>12.4f}"
+                    + (f"   GPU peak {row['peak_device_mb']:,.0f} MB" if row.get("peak_device_mb") else ""))
+        if "ratios" in rows:
+            r = rows["ratios"]
+            lines.append(f"{precision:<15}{'ratio':<11}{_fmt(r['tokens_per_s'], '.2f', 'x'):>10}{'':>23}"
+                         f"{_fmt(r['peak_rss'], '.2f', 'x'):>13}")
+    if result["eval"]:
+        batch = f"batch {settings['eval_batch_size']} x {shape['context_length']}"
+        lines += ["", f"{'evaluation':<15}{'side':<11}{'tokens/s':>10}{'batch s':>9}{'CPU':>6}{'MFU':>8}"
+                      f"{'peak RSS MB':>13}   {batch}"]
+        for precision, rows in result["eval"].items():
+            for side in SIDES:
+                if side in rows:
+                    row = rows[side]
+                    lines.append(
+                        f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
+                        f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}")
+            if "ratios" in rows:
+                ratio = _fmt(rows["ratios"]["tokens_per_s"], ".2f", "x")
+                lines.append(f"{precision:<15}{'ratio':<11}{ratio:>10}")
+    data = result["data"]
+    if data:
+        small, large = (str(n) for n in (min(data["tokens"]), max(data["tokens"])))
+        small_m, large_m = (f"{int(n) / 1e6:g}M" for n in (small, large))
+        lines += ["", f"{'data reader':<15}{'RSS growth MB:':>16}{small_m:>8}{large_m:>9}{'difference':>12}"
+                      f"   {large_m}: anon + file-backed"]
+        for loader in ("gptlib", "series"):
+            runs = data[loader]["runs"]
+            split = (f"{_fmt(runs[large]['anon_growth_mb'], ',.0f')} + "
+                     f"{_fmt(runs[large]['file_growth_mb'], ',.0f')}")
+            lines.append(f"{loader:<15}{'':>16}{runs[small]['growth_mb']:>8,.0f}{runs[large]['growth_mb']:>9,.0f}"
+                         f"{data[loader]['growth_mb']:>12,.0f}   {split}")
+    busy = [f"{kind} {precision} {side}" for kind in ("train", "eval")
+            for precision, rows in result[kind].items() for side in SIDES
+            if side in rows and (rows[side].get("cpu_use") or 1.0) < BUSY_CPU_USE]
+    if busy and machine["device"] == "cpu":
+        lines += ["", f"WARNING: the machine was busy during {', '.join(busy)} (CPU < "
+                      f"{100 * BUSY_CPU_USE:.0f}%): timings and ratios are unreliable; rerun when idle."]
+    if result.get("targets"):
+        lines += ["", "targets (issue #6):"]
+        for t in result["targets"]:
+            mark = {True: "met", False: "MISSED", None: "-"}[t["met"]]
+            value = _fmt(t["value"], ".2f")
+            lines.append(f"  {t['name']:<52} {value:>8} {t['op']} {t['threshold']:<5} {mark}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _token_counts(value: str) -> list[int]:
+    try:
+        counts = [int(float(x)) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--data-tokens {value!r}: expected e.g. 10e6,500e6") from None
+    if len(counts) != 2 or min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"--data-tokens {value!r}: expected two token counts >= 2")
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `gptlib bench` options (the lead's cli.py calls this on its sub-parser)."""
+    shape = parser.add_argument_group("shape (default: GPT-2 small, micro-batch 1, dropout 0.1)")
+    shape.add_argument("--scale", default=None, help="take the model shape and micro-batch of a scale")
+    shape.add_argument("--quick", action="store_true",
+                       help="a small shape (2 layers, emb 64, context 64), 3 steps, small data files")
+    shape.add_argument("--layers", type=int, default=None)
+    shape.add_argument("--heads", type=int, default=None)
+    shape.add_argument("--emb", type=int, default=None)
+    shape.add_argument("--context", type=int, default=None)
+    shape.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 50257)")
+    shape.add_argument("--microbatch", type=int, default=None)
+    shape.add_argument("--drop-rate", type=float, default=None)
+    run = parser.add_argument_group("run")
+    run.add_argument("--precision", choices=[*PRECISIONS, "both"], default="both",
+                     help="fp32, bf16 (autocast), fp16 (CUDA only) or both = fp32 and bf16 (default)")
+    run.add_argument("--compile", action="store_true", help="torch.compile gptlib's model")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--steps", type=int, default=None, help="timed steps per side (default 5; quick 3)")
+    run.add_argument("--warmup", type=int, default=None,
+                     help="untimed steps first (default 1; 2 with --compile)")
+    run.add_argument("--rounds", type=int, default=1,
+                     help="fresh processes per side, alternating sides (more = robust to a busy machine)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--lr", type=float, default=4e-4)
+    run.add_argument("--weight-decay", type=float, default=0.1)
+    run.add_argument("--eval-batches", type=int, default=3, help="timed test-loss batches (0 = skip)")
+    run.add_argument("--eval-batch-size", type=int, default=None,
+                     help="sequences per test-loss batch, both sides (default: the micro-batch)")
+    run.add_argument("--skip-reference", action="store_true", help="measure gptlib only")
+    run.add_argument("--skip-data", action="store_true", help="no data-reader memory probe")
+    run.add_argument("--data-tokens", type=_token_counts, default=None,
+                     help="the probe's two file sizes (default 10e6,500e6; quick 1e6,20e6)")
+    run.add_argument("--data-batches", type=int, default=0,
+                     help="micro-batches the probe reads, spread over the file (default 0 = all, in order)")
+    run.add_argument("--ablate", action="append", default=[],
+                     choices=["blockwise-attention", "chunked-loss", "fused-adamw"],
+                     help="switch off one of gptlib's fast paths (repeatable), to measure it")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", type=Path, default=None, help="write the full result here")
+    out.add_argument("--check", action="store_true", help="exit 1 when a measured target is missed")
+    out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark for parsed options: print the table, write the JSON; the exit code."""
+    if args.worker is not None:
+        spec = json.loads(args.worker)
+        outcome = WORKERS[spec["task"]](spec)
+        text = json.dumps(outcome)
+        if args.worker_out is None:
+            print(text)
+        else:
+            args.worker_out.write_text(text)
+        return 0
+    if not hasattr(args, "argv"):
+        args.argv = None
+    for name in ("steps", "eval_batch_size", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup is not None and args.warmup < 0:
+        raise BenchError("--warmup must be >= 0")
+    result = run_bench(args)
+    print(format_report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    missed = [t for t in result["targets"] if t["met"] is False]
+    return 1 if args.check and missed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptlib bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`gptlib bench [options]`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return run(args)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
