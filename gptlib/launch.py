@@ -52,8 +52,9 @@ def resolve_nproc(nproc: int | str) -> int:
     return int(nproc)
 
 
-def default_run_dir(cfg: RunConfig, outputs: Path = DEFAULT_OUTPUTS) -> Path:
-    return outputs / Path(cfg.scale).name / cfg.run_name
+def default_run_dir(cfg: RunConfig, outputs: Path | None = None) -> Path:
+    """`<repo>/outputs/<scale>/<run-name>` unless another outputs folder is given."""
+    return (outputs or DEFAULT_OUTPUTS) / Path(cfg.scale).name / cfg.run_name
 
 
 def prepare_run(
