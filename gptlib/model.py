@@ -6,12 +6,15 @@ as they are. What differs is how the forward pass is computed: attention uses
 `scaled_dot_product_attention` (no materialised mask, flash kernels on GPU), and LayerNorm / GELU use
 PyTorch's fused functions with the book's formulas (eps 1e-5, biased variance, tanh approximation).
 
-Two fast paths keep results equal to the plain computation within floating-point tolerance:
+The fast paths keep results equal to the plain computation within floating-point tolerance:
 
 * CPU training with attention dropout: PyTorch's CPU flash kernel refuses dropout, so SDPA would fall
   back to its math path, which materialises (and keeps for backward) the whole attention matrix.
   `causal_dropout_attention` computes it in blocks of query rows instead, skipping the blocks above
   the diagonal, keeping only the boolean dropout masks, and recomputing the scores in backward.
+  Its masks come from numpy's SFC64 generator seeded by one draw of the global torch RNG per call
+  (`DropMaskSource`): reproducible and exactly resumable, but not torch's own dropout stream.
+* The query, key and value projections run as one matmul over the concatenated weights.
 * `model(inputs, targets)` returns the mean cross-entropy without materialising the logits: the
   output head and the loss run in chunks of rows, and the gradients for the head's input and weight
   are computed in the same pass (`linear_cross_entropy`). `model(inputs)` still returns logits.

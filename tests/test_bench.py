@@ -120,6 +120,9 @@ def test_bad_options_fail_with_a_message(capsys: pytest.CaptureFixture[str]) -> 
         assert "fp16 needs CUDA" in capsys.readouterr().err
     assert bench.main([*TINY, "--heads", "3"]) == 1
     assert "not divisible" in capsys.readouterr().err
+    # As cli.py calls it: parsed options without `argv`, errors still one line and exit code 1.
+    assert bench.run(bench.build_parser().parse_args([*TINY, "--data-only", "--skip-data"])) == 1
+    assert "nothing to measure" in capsys.readouterr().err
 
 
 def test_shape_flags_override_quick_and_scale() -> None:
