@@ -5,7 +5,9 @@ else int32); documents are separated by `<|endoftext|>` (50256). A dataset is a 
 `train.safetensors` and `validation.safetensors`, the layout of the HF dataset
 `gpjt/fineweb-gpt2-tokens`.
 
-Reads are memory-mapped slices, so a rank never holds a whole split in memory. The training stream
+Reads are positioned reads (`os.pread`) of one slice at a time, so a rank never holds a whole split
+in memory, and its resident memory does not grow with the file (a memory map would count every page
+it ever touched as resident). The training stream
 is cut into blocks of `microbatch_size` contiguous context-length windows; accumulation step `a`
 of optimizer step `s` on rank `r` reads block `(s * GA + a) * world_size + r`, so where the data
 comes from is a pure function of the step.
@@ -115,24 +117,24 @@ def write_token_file(path: str | Path, tokens: Sequence[int] | np.ndarray | torc
 
 
 class TokenFile:
-    """A memory-mapped, validated token file; `read` copies out one slice as int64."""
+    """A validated token file; `read` copies one slice out of it as int64 with a positioned read."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"token file {self.path} does not exist")
-        try:
-            self._handle = safe_open(str(self.path), framework="numpy")
+        try:  # safetensors validates the header and the data offsets against the file size
+            with safe_open(str(self.path), framework="numpy") as handle:
+                keys = list(handle.keys())
+                if "tokens" not in keys:
+                    raise DataError(
+                        f"token file {self.path} has no tensor `tokens` (it has {keys}); "
+                        "expected one 1-D integer tensor named `tokens`"
+                    )
+                tokens = handle.get_slice("tokens")
+                shape, self.dtype = tokens.get_shape(), tokens.get_dtype()
         except SafetensorError as e:
             raise DataError(f"token file {self.path} is not a safetensors file ({e})") from e
-        keys = list(self._handle.keys())
-        if "tokens" not in keys:
-            raise DataError(
-                f"token file {self.path} has no tensor `tokens` (it has {keys}); "
-                "expected one 1-D integer tensor named `tokens`"
-            )
-        self._tokens = self._handle.get_slice("tokens")
-        shape, self.dtype = self._tokens.get_shape(), self._tokens.get_dtype()
         if len(shape) != 1:
             raise DataError(f"token file {self.path}: `tokens` has shape {shape}; expected 1-D")
         if self.dtype not in _READ_DTYPES:
@@ -141,12 +143,33 @@ class TokenFile:
         if shape[0] == 0:
             raise DataError(f"token file {self.path}: `tokens` is empty")
         self._len = int(shape[0])
+        self._numpy_dtype = np.dtype(_READ_DTYPES[self.dtype]).newbyteorder("<")
+        with open(self.path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            data_start = json.loads(f.read(header_size))["tokens"]["data_offsets"][0]
+        self._offset = 8 + header_size + data_start
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
 
     def __len__(self) -> int:
         return self._len
 
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, tokens={self._len:,}, dtype={self.dtype})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_fd_pid": None}  # a descriptor does not travel
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def _descriptor(self) -> int:
+        # Opened lazily and per process, so a forked worker never shares the parent's descriptor.
+        if self._fd is None or self._fd_pid != os.getpid():
+            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
 
     def read(self, start: int, length: int) -> torch.Tensor:
         """Tokens [start, start + length) as a new int64 tensor (only that slice is read)."""
@@ -155,7 +178,12 @@ class TokenFile:
                 f"cannot read tokens [{start:,}, {start + length:,}) from {self.path}: "
                 f"it has {self._len:,} tokens"
             )
-        return torch.from_numpy(self._tokens[start : start + length].astype(np.int64))
+        itemsize = self._numpy_dtype.itemsize
+        wanted = length * itemsize
+        data = os.pread(self._descriptor(), wanted, self._offset + start * itemsize)
+        if len(data) != wanted:
+            raise DataError(f"token file {self.path} is shorter than its header says (truncated?)")
+        return torch.from_numpy(np.frombuffer(data, dtype=self._numpy_dtype).astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------------
