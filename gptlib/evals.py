@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import RunConfig, load_config
@@ -141,8 +140,7 @@ def test_loss(
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast:
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss = model(inputs, targets)  # fp32 mean, without the logits tensor
             total += loss.double()
     return (total / n).item(), n, precision
 

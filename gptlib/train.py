@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from gptlib import checkpoint as ckpt
@@ -181,9 +180,10 @@ class RunState:
 
 def micro_batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                      autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+    """Mean cross-entropy of one micro-batch: `model(inputs, targets)`, the chunked LM-head loss that
+    never materialises the [batch x tokens x vocab] logits (see `GPTModel.forward`)."""
     with autocast:
-        logits = model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return model(inputs, targets)
 
 
 def gather_rng_states(device: torch.device) -> dict[str, list[torch.Tensor]]:
@@ -235,8 +235,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     model: torch.nn.Module = raw_model
     if use_compile(t, ctx.device):
         model = torch.compile(model)
+    # Gradients as views into DDP's all-reduce buckets: one gradient-sized buffer fewer per rank.
     model = DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
     )
     params = [p for p in raw_model.parameters() if p.requires_grad]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from gptlib.config import ModelConfig, TrainConfig
 from gptlib.launch import prepare_run
 from gptlib.metrics import read_metrics
 from gptlib.model import GPTModel
-from gptlib.optim import param_groups
+from gptlib.optim import build_optimizer, param_groups
 from gptlib.train import RankContext, TrainingError, autocast_context, train
 
 
@@ -219,6 +220,25 @@ def test_weight_decay_groupings(matrices_only: bool) -> None:
         factor = 1 - 0.5 * 0.1 if (p.dim() >= 2 or not matrices_only) else 1.0
         torch.testing.assert_close(p.detach(), before[n] * factor, msg=n)
     assert any(p.dim() < 2 for p in named.values())  # biases and norms exist to tell them apart
+
+
+def test_the_optimizer_is_fused_on_cpu_and_steps_like_plain_adamw() -> None:
+    torch.manual_seed(0)
+    model = GPTModel(ModelConfig(vocab_size=64, context_length=8, emb_dim=16, n_heads=2, n_layers=1,
+                                 drop_rate=0.0))
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(learning_rate=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, cfg, torch.device("cpu"))
+    plain = torch.optim.AdamW(param_groups(twin, cfg), lr=1e-2, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    tokens = torch.randint(0, 64, (2, 9))
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (twin, plain)):
+            net(tokens[:, :-1], tokens[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, ours), theirs in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16),
