@@ -14,6 +14,8 @@ The fast paths keep results equal to the plain computation within floating-point
   the diagonal, keeping only the boolean dropout masks, and recomputing the scores in backward.
   Its masks come from numpy's SFC64 generator seeded by one draw of the global torch RNG per call
   (`DropMaskSource`): reproducible and exactly resumable, but not torch's own dropout stream.
+* CPU attention without autograd in bf16 (evaluation) uses the same blocks without dropout
+  (`causal_attention_blocks`): SDPA's CPU flash kernel is about 2x slower there.
 * The query, key and value projections run as one matmul over the concatenated weights.
 * `model(inputs, targets)` returns the mean cross-entropy without materialising the logits: the
   output head and the loss run in chunks of rows, and the gradients for the head's input and weight
@@ -158,6 +160,24 @@ def causal_dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return _CausalDropoutAttention.apply(q, k, v, dropout_p, block)
 
 
+def causal_attention_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            block: int | None = None) -> torch.Tensor:
+    """`scaled_dot_product_attention(q, k, v, is_causal=True)` without autograd, in blocks of query
+    rows (batched matmuls and softmax, in q's dtype). On CPUs with native bf16 dot products it is
+    about 2x faster than SDPA's CPU flash kernel in bf16 at GPT-2 small's shape (measured: 5.8 vs
+    13.7 ms per layer); used for no-grad 16-bit attention on the CPU (evaluation, generation)."""
+    b, h, n, d = q.shape
+    if block is None:
+        block = attention_block(b * h, n, q.dtype.itemsize)
+    qs, k3, v3 = (q * d**-0.5).reshape(b * h, n, d), k.reshape(b * h, n, d), v.reshape(b * h, n, d)
+    bias = _causal_bias(n, q.dtype, q.device)
+    out = torch.empty(b * h, n, d, dtype=q.dtype, device=q.device)
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        torch.bmm(_block_probs(qs, k3, bias, i0, i1), v3[:, :i1], out=out[:, i0:i1])
+    return out.view(b, h, n, d)
+
+
 def _chunked_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
     need_hidden: bool, need_weight: bool,
@@ -262,9 +282,12 @@ class MultiHeadAttention(nn.Module):
         queries, keys, values = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, t, head_dim]
         dropout = self.dropout if self.training else 0.0
         blockwise = CPU_DROPOUT_ATTENTION and not torch.compiler.is_compiling()
-        if dropout > 0 and x.device.type == "cpu" and blockwise:
+        on_cpu = x.device.type == "cpu" and blockwise
+        if dropout > 0 and on_cpu:
             # The CPU flash kernel has no dropout; SDPA's fallback would keep the T x T matrices.
             context = causal_dropout_attention(queries, keys, values, dropout)
+        elif on_cpu and queries.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            context = causal_attention_blocks(queries, keys, values)  # faster than the bf16 flash kernel
         else:
             context = F.scaled_dot_product_attention(
                 queries, keys, values, is_causal=True, dropout_p=dropout

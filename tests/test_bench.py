@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from gptlib import bench
 from gptlib import model as model_module
 from gptlib.config import ModelConfig
-from gptlib.model import GPTModel, causal_dropout_attention, flops_per_token, linear_cross_entropy
+from gptlib.model import (
+    GPTModel,
+    causal_attention_blocks,
+    causal_dropout_attention,
+    flops_per_token,
+    linear_cross_entropy,
+)
 
 TINY = ["--layers", "2", "--heads", "2", "--emb", "32", "--context", "32", "--vocab", "512",
         "--microbatch", "2", "--drop-rate", "0"]
@@ -192,6 +198,39 @@ def test_causal_dropout_attention_drops_at_the_rate_and_uses_the_global_rng() ->
     assert a.mean().item() == pytest.approx(1.0, abs=0.03)
     with pytest.raises(ValueError, match="dropout_p"):
         causal_dropout_attention(q, k, v, 0.0)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize(("n", "block"), [(37, 8), (64, 64), (50, 128)])
+def test_causal_attention_blocks_matches_the_manual_computation(dtype: torch.dtype, tol: float, n: int,
+                                                                block: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    with torch.no_grad():
+        out = causal_attention_blocks(q, k, v, block)
+    keep_all = torch.ones(2, 3, n, n, dtype=torch.bool)
+    expected = _manual_attention(q.float(), k.float(), v.float(), keep_all, 0.0)
+    assert out.dtype == dtype and out.shape == (2, 3, n, 16)
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+def test_bf16_evaluation_on_cpu_takes_the_blockwise_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = model_module.causal_attention_blocks
+    monkeypatch.setattr(model_module, "causal_attention_blocks",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = GPTModel(SMALL).eval()
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 17))
+    with torch.no_grad():
+        fp32 = model(tokens[:, :-1], tokens[:, 1:])
+    assert calls == []  # fp32: SDPA's flash kernel
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(tokens[:, :-1], tokens[:, 1:])
+    assert len(calls) == SMALL.n_layers
+    assert bf16.item() == pytest.approx(fp32.item(), abs=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-1], tokens[:, 1:]).backward()  # with autograd: SDPA again
+    assert len(calls) == SMALL.n_layers
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
