@@ -10,12 +10,12 @@ machine a drift in load then favours neither side. Per precision:
 
 * training: per round `warmup` untimed steps, then `steps` timed steps of one micro-batch each
   (forward, backward, AdamW); tokens/s = the micro-batch's tokens / the median step time. gptlib's
-  step is the training loop's: `model(inputs, targets)` under the run's autocast (the chunked loss,
-  no logits tensor), the global gradient norm, the non-finite check, fused AdamW (on CPU too),
-  `zero_grad(set_to_none=True)`, no `.item()`.
+  step is the training loop's: `train.micro_batch_loss` (`model(inputs, targets)` under the run's
+  autocast: the chunked loss, no logits tensor), the global gradient norm, the non-finite check,
+  `optim.build_optimizer`'s fused AdamW (on CPU too), `zero_grad(set_to_none=True)`, no `.item()`.
 * evaluation (test loss): `eval_batches` timed batches of [eval_batch_size, context] tokens (default
   eval_batch_size = the micro-batch), the same tokens on both sides. gptlib: `eval()`,
-  `torch.inference_mode()`, SDPA (its flash kernel: no dropout in eval) and the chunked loss;
+  `torch.inference_mode()`, SDPA (or on the CPU in bf16 the blocked attention) and the chunked loss;
   reference: `eval()`, `torch.no_grad()`, the book's forward, `F.cross_entropy` of the logits and
   `.item()` per batch, as the series' test loss does. The target compares gptlib in bf16 (where the
   device runs it natively) with the reference in fp32; the like-for-like ratios are shown too.
@@ -207,22 +207,23 @@ def train_worker(spec: dict) -> dict:
             return loss.item()  # the series reads the loss every micro-batch
     else:
         from gptlib.config import TrainConfig
-        from gptlib.optim import param_groups
+        from gptlib.optim import build_optimizer, param_groups
+        from gptlib.train import micro_batch_loss
 
-        fused = "fused-adamw" not in ablate
-        optimizer = torch.optim.AdamW(
-            param_groups(model, TrainConfig(learning_rate=lr, weight_decay=wd)), lr=lr,
-            fused=fused or None,
-        )
+        train_cfg = TrainConfig(learning_rate=lr, weight_decay=wd)
+        if "fused-adamw" in ablate:
+            optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=lr)
+        else:  # the training loop's optimizer
+            optimizer = build_optimizer(model, train_cfg, device)
         params = [p for p in model.parameters() if p.requires_grad]
         chunked_loss = "chunked-loss" not in ablate
         net = torch.compile(model) if spec["compile"] else model
 
         def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            with autocast:
-                if chunked_loss:
-                    loss = net(inputs, targets)
-                else:  # the loop's current form: logits, then cross-entropy
+            if chunked_loss:  # the training loop's micro-batch loss
+                loss = micro_batch_loss(net, inputs, targets, autocast)
+            else:  # logits, then cross-entropy
+                with autocast:
                     loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten())
             (scaler.scale(loss) if scaler is not None else loss).backward()
             if scaler is not None:
@@ -259,7 +260,7 @@ def train_worker(spec: dict) -> dict:
         "precision": precision,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "compile": bool(spec["compile"]) and side == "gptlib",
-        "fused_adamw": side == "gptlib" and "fused-adamw" not in ablate,
+        "fused_adamw": bool(optimizer.defaults.get("fused")),
         "ablate": ablate,
         "step_times_s": times,
         "step_cpu_times_s": cpu_times,
