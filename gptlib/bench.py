@@ -693,6 +693,12 @@ def _percent(value: float | None) -> str:
     return _fmt(None if value is None else 100 * value, ".0f", "%")
 
 
+def _side_row(precision: str, side: str, row: dict) -> str:
+    """The columns the training and evaluation tables share, for one side's row."""
+    return (f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
+            f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}")
+
+
 def format_report(result: dict) -> str:
     """The human-readable tables of a result."""
     shape, machine, settings = result["shape"], result["machine"], result["settings"]
@@ -714,11 +720,9 @@ def format_report(result: dict) -> str:
         for side in SIDES:
             if side in rows:
                 row = rows[side]
-                lines.append(
-                    f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
-                    f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}"
-                    f"{row['losses'][0]:>12.4f}"
-                    + (f"   GPU peak {row['peak_device_mb']:,.0f} MB" if row.get("peak_device_mb") else ""))
+                lines.append(_side_row(precision, side, row) + f"{row['losses'][0]:>12.4f}"
+                             + (f"   GPU peak {row['peak_device_mb']:,.0f} MB" if row.get("peak_device_mb")
+                                else ""))
         if "ratios" in rows:
             r = rows["ratios"]
             lines.append(f"{precision:<15}{'ratio':<11}{_fmt(r['tokens_per_s'], '.2f', 'x'):>10}{'':>23}"
@@ -730,10 +734,7 @@ def format_report(result: dict) -> str:
         for precision, rows in result["eval"].items():
             for side in SIDES:
                 if side in rows:
-                    row = rows[side]
-                    lines.append(
-                        f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
-                        f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}")
+                    lines.append(_side_row(precision, side, rows[side]))
             if "ratios" in rows:
                 ratio = _fmt(rows["ratios"]["tokens_per_s"], ".2f", "x")
                 lines.append(f"{precision:<15}{'ratio':<11}{ratio:>10}")
