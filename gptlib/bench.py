@@ -172,6 +172,8 @@ def _apply_ablations(ablate: list[str]) -> None:
 
     if "blockwise-attention" in ablate:
         model_module.CPU_DROPOUT_ATTENTION = False
+    if "fast-dropout" in ablate:
+        model_module.CPU_FAST_DROPOUT = False
 
 
 def train_worker(spec: dict) -> dict:
@@ -783,6 +785,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `gptlib bench` options (the lead's cli.py calls this on its sub-parser)."""
     shape = parser.add_argument_group("shape (default: GPT-2 small, micro-batch 1, dropout 0.1)")
     shape.add_argument("--scale", default=None, help="take the model shape and micro-batch of a scale")
+    shape.add_argument("--tiny", action="store_true",
+                       help="the tiny scale's step against the previous tiny shape (GPT-2 vocabulary), "
+                            "gptlib only (gptlib.bench_tiny); takes --rounds, --steps, --warmup, --json")
     shape.add_argument("--quick", action="store_true",
                        help="a small shape (2 layers, emb 64, context 64), 3 steps, small data files")
     shape.add_argument("--layers", type=int, default=None)
@@ -816,7 +821,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--data-batches", type=int, default=0,
                      help="micro-batches the probe reads, spread over the file (default 0 = all, in order)")
     run.add_argument("--ablate", action="append", default=[],
-                     choices=["blockwise-attention", "chunked-loss", "fused-adamw"],
+                     choices=["blockwise-attention", "chunked-loss", "fast-dropout", "fused-adamw"],
                      help="switch off one of gptlib's fast paths (repeatable), to measure it")
     out = parser.add_argument_group("output")
     out.add_argument("--json", type=Path, default=None, help="write the full result here")
@@ -855,6 +860,13 @@ def _run(args: argparse.Namespace) -> int:
             raise BenchError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         raise BenchError("--warmup must be >= 0")
+    if args.tiny:
+        from gptlib import bench_tiny
+
+        tiny = bench_tiny.run(args.rounds, args.steps or 30, 5 if args.warmup is None else args.warmup,
+                              args.json, verbose=not args.quiet)
+        print(bench_tiny.format_table(tiny))
+        return 0
     result = run_bench(args)
     print(format_report(result))
     if args.json:

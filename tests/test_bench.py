@@ -138,7 +138,7 @@ def test_shape_flags_override_quick_and_scale() -> None:
     cfg, microbatch = bench.resolve_shape(parser.parse_args([]))
     assert cfg == ModelConfig() and microbatch == 1  # GPT-2 small, micro-batch 1, dropout 0.1
     cfg, microbatch = bench.resolve_shape(parser.parse_args(["--scale", "tiny"]))
-    assert (cfg.n_layers, cfg.emb_dim, microbatch) == (4, 128, 8)
+    assert (cfg.n_layers, cfg.emb_dim, cfg.vocab_size, microbatch) == (4, 256, 1024, 8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,3 +322,47 @@ def test_drop_mask_source_rate_and_reproducibility() -> None:
     assert mask.float().mean().item() == pytest.approx(0.1, abs=0.002)
     torch.manual_seed(11)
     assert torch.equal(model_module.DropMaskSource(0.1).draw((1000, 1000)), mask)
+
+
+def test_fast_dropout_equals_masking_with_its_own_draws_forward_and_backward() -> None:
+    layer = model_module.Dropout(0.25).train()
+    x = torch.randn(4, 8, 64, requires_grad=True)
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    dropped = model_module.DropMaskSource(0.25).draw((4, 8, 64))  # the same one global-RNG draw
+    expected = torch.where(dropped, 0.0, x.detach() * (1 / 0.75))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, torch.where(dropped, 0.0, grad * (1 / 0.75)), rtol=0, atol=0)
+    assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    # Evaluation and p = 0 are the identity; switched off, it is torch's own dropout stream.
+    assert torch.equal(layer.eval()(x), x) and torch.equal(model_module.Dropout(0.0).train()(x), x)
+    layer.train()
+    torch.manual_seed(5)
+    torch_dropout = torch.nn.functional.dropout(x, 0.25, training=True)
+    try:
+        model_module.CPU_FAST_DROPOUT = False
+        torch.manual_seed(5)
+        assert torch.equal(layer(x), torch_dropout)
+    finally:
+        model_module.CPU_FAST_DROPOUT = True
+
+
+def test_tiny_bench_measures_previous_and_current_shapes(python_stdlib: tuple) -> None:
+    from gptlib import bench_tiny
+
+    result = bench_tiny.run(rounds=1, steps=1, warmup=0, verbose=False)
+    sides = result["sides"]
+    assert list(sides) == ["previous tiny", "tiny, torch dropout", "tiny"]
+    assert sides["previous tiny"]["model"]["vocab_size"] == 50257
+    assert sides["tiny"]["model"]["vocab_size"] == 1024 and sides["tiny"]["ablate"] == []
+    assert sides["tiny, torch dropout"]["ablate"] == ["fast-dropout"]
+    for row in sides.values():
+        assert row["tokens_per_s"] > 0
+    per_token = result["chars_per_token"]
+    assert per_token["tiny"] > per_token["gpt2"] > 1.5  # the fitted BPE packs more text per token
+    assert sides["tiny"]["chars_per_s"] == pytest.approx(sides["tiny"]["tokens_per_s"] * per_token["tiny"])
+    table = bench_tiny.format_table(result)
+    assert "previous tiny" in table and "fast CPU dropout alone" in table
