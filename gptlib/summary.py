@@ -25,7 +25,8 @@ from gptlib.metrics import read_metrics
 from gptlib.paths import OUTPUTS_DIR
 
 __all__ = ["COLUMNS", "read_summary", "run_status", "find_runs", "collect_runs",
-           "reference_results", "reference_table", "table"]
+           "reference_results", "reference_table", "table", "noise_table", "verdict",
+           "series_comparison"]
 
 COLUMNS = [
     "run", "status", "test_loss", "delta_vs_baseline", "delta_sd", "baseline_sd", "wall_time_s",
@@ -290,12 +291,51 @@ def noise_table(df: pd.DataFrame, reference_sd: float | None = None) -> pd.DataF
                 half = t_quantile_975(dof) * se
                 row.update(ci_low=delta - half, ci_high=delta + half,
                            within_noise=bool(delta - half <= 0 <= delta + half))
+        row["verdict"] = verdict(row["ci_low"], row["ci_high"])
         rows.append(row)
     table = pd.DataFrame(rows, columns=["intervention", "n", "mean", "sd", "delta", "delta_sd",
-                                        "ci_low", "ci_high", "within_noise"])
+                                        "ci_low", "ci_high", "within_noise", "verdict"])
     table.attrs["baseline_sd"] = base_sd
     table.attrs["baseline_n"] = len(base)
     return table
+
+
+def verdict(ci_low: float | None, ci_high: float | None) -> str | None:
+    """`better` / `worse` when the 95% interval of (run - baseline) excludes 0, else `within
+    noise`; None without an interval."""
+    if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
+        return None
+    return "better" if ci_high < 0 else "worse" if ci_low > 0 else "within noise"
+
+
+SERIES_SCALE = "gpt2-small-8xa100"
+
+
+def series_comparison(noise: pd.DataFrame) -> pd.DataFrame:
+    """Each intervention of a :func:`noise_table` beside the series' published difference from its
+    baseline (the 8x A100 runs; negative = better) and whether the two point the same way:
+    `yes` / `no` where this scale's verdict is beyond noise, `within noise here`, or `no published
+    figure`."""
+    published = reference_results(SERIES_SCALE).set_index("run")["improvement_vs_baseline"].dropna()
+    rows = []
+    for row in noise.to_dict("records"):
+        if row["intervention"] == "baseline":
+            continue
+        series = -published[row["intervention"]] if row["intervention"] in published else None
+        found = row["verdict"]
+        if found is None:
+            same = None
+        elif series is None:
+            same = "no published figure"
+        elif found == "within noise":
+            same = "within noise here"
+        else:
+            same = "yes" if (found == "better") == (series < 0) else "no"
+        rows.append({"intervention": row["intervention"], "seeds": row["n"], "delta": row["delta"],
+                     "ci_low": row["ci_low"], "ci_high": row["ci_high"], "verdict": found,
+                     "series_delta": series, "same_direction": same})
+    return pd.DataFrame(rows, columns=["intervention", "seeds", "delta", "ci_low", "ci_high", "verdict",
+                                       "series_delta", "same_direction"])
 
 
 def _welch_dof(s1: float, n1: int, s2: float, n2: int) -> float:

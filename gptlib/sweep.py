@@ -71,11 +71,22 @@ def plan(
     overrides: dict[str, Any] | None = None,
     nproc: int | str = "auto",
     outputs: str | Path | None = None,
+    every_seed: str | Sequence[str] | None = None,
 ) -> list[PlannedRun]:
-    """Resolve (and so validate) every run of the sweep; duplicates by run name are dropped."""
+    """Resolve (and so validate) every run of the sweep, seed by seed; duplicates by run name are
+    dropped. With ``every_seed`` (names, as ``interventions``), only those interventions run on
+    every seed and the others on the first seed alone."""
+    names = parse_interventions(interventions)
+    repeated = None if every_seed is None else parse_interventions(every_seed)
+    for name in repeated or []:
+        if name not in names:
+            raise ConfigError(f"--every-seed {name!r} is not among the sweep's interventions; "
+                              f"allowed: {', '.join(names)}")
     runs: dict[str, PlannedRun] = {}
-    for seed in seeds:
-        for intervention in parse_interventions(interventions):
+    for i, seed in enumerate(seeds):
+        for intervention in names:
+            if i > 0 and repeated is not None and intervention not in repeated:
+                continue
             cfg = resolve_config(scale, intervention, seed=seed, overrides=overrides, nproc=nproc)
             run_dir = default_run_dir(cfg, Path(outputs or OUTPUTS_DIR))
             runs.setdefault(cfg.run_name, PlannedRun(cfg.run_name, intervention, seed, run_dir))
@@ -167,6 +178,7 @@ def sweep(
     nproc: int | str = "auto",
     outputs: str | Path | None = None,
     log: Callable[[str], None] = print,
+    every_seed: str | Sequence[str] | None = None,
 ) -> list[RunOutcome]:
     """Train every planned run that is not completed yet, then render the summary notebook.
 
@@ -174,7 +186,7 @@ def sweep(
     """
     overrides = dict(overrides or {})
     outputs = Path(outputs or OUTPUTS_DIR).absolute()
-    runs = plan(scale, interventions, seeds, overrides, nproc, outputs)
+    runs = plan(scale, interventions, seeds, overrides, nproc, outputs, every_seed)
     log(f"sweep {scale}: {len(runs)} runs ({', '.join(r.name for r in runs)}) -> {_short(outputs)}")
     outcomes: list[RunOutcome] = []
     for i, run in enumerate(runs, 1):

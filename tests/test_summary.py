@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -171,11 +172,34 @@ def test_noise_table_means_sds_and_intervals(seeded: Path) -> None:
     assert table.loc["no-dropout", "ci_high"] == pytest.approx(delta + 2.776 * se)
     assert not table.loc["no-dropout", "within_noise"]
     assert table.loc["gradient-clipping", "within_noise"]  # -0.006 against a 0.02 SD
+    assert table.loc["no-dropout", "verdict"] == "better"
+    assert table.loc["gradient-clipping", "verdict"] == "within noise"
+    assert pd.isna(table.loc["baseline", "verdict"])
     assert table.loc["no-dropout", "sd"] == pytest.approx(sample_sd(nodrop))
     # One seed only: borrows the baseline SD, dof n_b - 1 = 2.
     single = table.loc["gradient-clipping+no-dropout"]
     assert single["n"] == 1 and single["ci_high"] - single["delta"] == pytest.approx(
         4.303 * (0.02**2 / 1 + 0.02**2 / 3) ** 0.5)
+
+
+def test_series_comparison_reads_the_published_direction(seeded: Path) -> None:
+    noise = summary.noise_table(summary.collect_runs(seeded, "tiny"))
+    table = summary.series_comparison(noise).set_index("intervention")
+    assert "baseline" not in table.index
+    published = summary.reference_results("gpt2-small-8xa100").set_index("run")
+    assert table.loc["no-dropout", "series_delta"] == pytest.approx(
+        published.loc["no-dropout", "test_loss"] - published.loc["baseline", "test_loss"])
+    assert table.loc["no-dropout", "same_direction"] == "yes"  # better here, better there
+    assert table.loc["gradient-clipping", "same_direction"] == "within noise here"
+    assert pd.isna(table.loc["gradient-clipping+no-dropout", "series_delta"])
+    assert table.loc["gradient-clipping+no-dropout", "same_direction"] == "no published figure"
+    assert table.loc["no-dropout", "seeds"] == 3
+    worse = noise.copy()
+    worse.loc[worse["intervention"] == "no-dropout", "verdict"] = "worse"
+    assert summary.series_comparison(worse).set_index("intervention").loc[
+        "no-dropout", "same_direction"] == "no"
+    assert summary.verdict(-0.03, -0.01) == "better" and summary.verdict(0.01, 0.02) == "worse"
+    assert summary.verdict(-0.01, 0.01) == "within noise" and summary.verdict(None, 0.1) is None
 
 
 def test_stacking_compares_with_the_sum_of_parts(seeded: Path) -> None:
