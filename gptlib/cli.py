@@ -20,22 +20,33 @@ def _nproc(value: str) -> int | str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gptlib.launch import LaunchError, run_training
+    from gptlib.launch import LaunchError, launch, prepare_run
 
+    cfg, run_dir, world_size = prepare_run(args.scale, args.intervention, args.seed, args.set,
+                                           args.nproc, args.run_dir, args.resume, args.overwrite)
     try:
-        run_training(args.scale, args.intervention, args.seed, args.set, args.nproc,
-                     args.run_dir, args.resume, args.overwrite)
+        launch(run_dir, world_size, args.resume)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if not args.no_eval:
+        from gptlib.evals import evaluate_run
+
+        print(f"Evaluating checkpoint {cfg.eval.checkpoint} on the test slice ...", flush=True)
+        print("\n".join(evaluate_run(run_dir).lines()))
+    print(f"Run folder: {run_dir}" + ("" if not args.no_eval else
+                                      f" (evaluate it with: gptlib eval {run_dir})"))
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from gptlib.data import prepare_dataset
 
-    stats = prepare_dataset(args.inputs, args.out, args.validation_fraction, args.workers)
-    print(f"wrote {args.out}: {stats}")
+    stats = prepare_dataset(args.inputs, args.out, args.validation_fraction, args.workers,
+                            tokenizer=args.tokenizer)
+    print(f"wrote {args.out}: {stats['documents']:,} documents, {stats['train_tokens']:,} train + "
+          f"{stats['validation_tokens']:,} validation tokens, tokenizer {stats['tokenizer']} "
+          f"(details in {args.out / 'meta.json'})")
     return 0
 
 
@@ -43,10 +54,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.scale is not None:  # any model source on a scale's test slice; nothing written
         from gptlib.hub import evaluate_source
 
-        result = evaluate_source(args.run_dir, args.scale, args.checkpoint, args.batches, args.device)
+        result = evaluate_source(args.run_dir, args.scale, args.checkpoint or "best", args.batches,
+                                 args.device)
         print(f"Test loss: {result.test_loss:.6f} ({args.run_dir} on the {args.scale} test slice, "
               f"{result.eval_batches:,} batches, {result.eval_tokens:,} tokens, {result.eval_precision})")
-        print(f"Smoke test: {result.smoke_text}")
+        print("\n".join(result.lines()[1:]))
         return 0
     from gptlib.evals import evaluate_run
 
@@ -86,7 +98,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gptlib.sweep import report_lines, sweep
 
     outcomes = sweep(args.scale, args.interventions, args.seeds, args.force, _overrides(args.set),
-                     args.nproc, args.outputs)
+                     args.nproc, args.outputs, every_seed=args.every_seed)
     lines = report_lines(outcomes)
     print("\n".join(lines), file=sys.stderr if len(lines) > 1 else sys.stdout)
     return 1 if len(lines) > 1 else 0
@@ -107,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, help="latest, best or step-N")
     train.add_argument("--run-dir", type=Path, default=None,
                        help="default outputs/<scale>/<run-name>")
+    train.add_argument("--no-eval", action="store_true",
+                       help="skip the test loss and smoke test after training (gptlib eval does them)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace a run already in the run directory")
     train.set_defaults(func=cmd_train)
@@ -116,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     prepare.add_argument("--validation-fraction", type=float, default=0.01)
     prepare.add_argument("--workers", type=int, default=None)
+    prepare.add_argument("--tokenizer", default="gpt2",
+                         help="gpt2 (default: GPT-2's ids) or bpe-<N>: a byte-level BPE of N tokens "
+                              "fitted to the training documents, saved as tokenizer.json")
     prepare.set_defaults(func=cmd_prepare)
 
     evaluate = sub.add_parser("eval", help="test loss and smoke test of a run's checkpoint")
@@ -124,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "folder or Hub repo id, e.g. openai-community/gpt2")
     evaluate.add_argument("--scale", default=None,
                           help="score SOURCE on this scale's test slice (printed, not written)")
-    evaluate.add_argument("--checkpoint", default="best", help="best (default), latest or step-N")
+    evaluate.add_argument("--checkpoint", default=None,
+                          help="best, latest or step-N (default: the run's eval.checkpoint; best for a "
+                               "model source)")
     evaluate.add_argument("--batches", type=int, default=None,
                           help="test batches (default eval.batches; -1 = all that fit)")
     evaluate.add_argument("--device", default=None, help="cpu or cuda (default: as trained)")
@@ -145,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--interventions", default="all",
                        help="all (every intervention file) or names a,b,c (each may join with +)")
     sweep.add_argument("--seeds", type=_seeds, default=[42], help="e.g. 42,43,44 (default 42)")
+    sweep.add_argument("--every-seed", default=None, metavar="A,B,C",
+                       help="only these interventions run on every seed; the others on the first seed")
     sweep.add_argument("--force", action="store_true", help="retrain completed runs too")
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key in every run")

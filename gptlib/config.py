@@ -52,7 +52,7 @@ PARAMETERS_DIR = Path(
 )
 PRECISIONS = ("fp16", "bf16", "fp32", "auto")
 DEVICES = ("auto", "cpu", "cuda")
-GPT2_VOCAB_SIZE = 50257  # tokens of the GPT-2 encoding; the model must have at least this many
+EVAL_CHECKPOINTS = ("best", "latest")
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and data; key names follow the series' train.json."""
 
-    dataset: str = "builtin:stdlib-docs"  # builtin:<name> | hf:<repo> | a local directory
+    dataset: str = "builtin:python-stdlib"  # builtin:<name> | hf:<repo> | a local directory
     microbatch_size: int = 12  # sequences per rank per forward pass
     gradient_accumulation_steps: int = 1
     global_batch_size: int | None = None  # if set: microbatch x world size x GA must equal it
@@ -111,6 +111,7 @@ class TrainConfig:
 class EvalConfig:
     """Test loss on the held-out validation slice and the smoke-test generation."""
 
+    checkpoint: str = "best"  # the checkpoint evaluated after training: best | latest
     start_token: int = 50_000_000
     batches: int = 3200  # -1 = the whole split from start_token
     batch_size: int = 6
@@ -355,10 +356,6 @@ def _check_values(cfg: RunConfig) -> None:
         for name in names:
             value = getattr(getattr(cfg, section), name)
             _require(value >= 1, f"{section}.{name}={value} must be >= 1")
-    _require(
-        m.vocab_size >= GPT2_VOCAB_SIZE,
-        f"model.vocab_size={m.vocab_size} must be >= {GPT2_VOCAB_SIZE} (the GPT-2 tokenizer)",
-    )
     _require(0 <= m.drop_rate < 1, f"model.drop_rate={m.drop_rate} must be in [0, 1)")
     _require(
         m.emb_dim % m.n_heads == 0,
@@ -403,6 +400,7 @@ def _check_values(cfg: RunConfig) -> None:
             f"train.microbatch_size x train.gradient_accumulation_steps = {per_rank}",
         )
 
+    _one_of("eval.checkpoint", e.checkpoint, EVAL_CHECKPOINTS)
     _require(e.start_token >= 0, f"eval.start_token={e.start_token} must be >= 0")
     _require(
         e.batches == -1 or e.batches >= 1,

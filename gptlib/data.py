@@ -1,9 +1,10 @@
-"""Token data: token files, per-rank batch reads, the built-in corpus and preparing datasets.
+"""Token data: token files, per-rank batch reads, dataset sources and preparing datasets.
 
 A token file is a safetensors file holding one 1-D tensor `tokens` (uint16 when every id fits,
-else int32); documents are separated by `<|endoftext|>` (50256). A dataset is a directory with
-`train.safetensors` and `validation.safetensors`, the layout of the HF dataset
-`gpjt/fineweb-gpt2-tokens`.
+else int32); documents are separated by the tokenizer's `<|endoftext|>` (50256 in GPT-2). A dataset
+is a directory with `train.safetensors` and `validation.safetensors`, the layout of the HF dataset
+`gpjt/fineweb-gpt2-tokens`, plus (when gptlib made it) `meta.json` naming its tokenizer and, for a
+fitted BPE, `tokenizer.json` (see gptlib.tokenizer). The built-in corpus is gptlib.corpus.
 
 Reads are positioned reads (`os.pread`) of one slice at a time, so a rank never holds a whole split
 in memory, and its resident memory does not grow with the file (a memory map would count every page
@@ -15,21 +16,17 @@ comes from is a pure function of the step.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
-import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import os
-import shutil
 import struct
 import sys
-import sysconfig
 import time
 import uuid
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -39,13 +36,25 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from gptlib.tokenizer import ENCODER_JSON_SHA256, EOT_TOKEN, VOCAB_BPE_SHA256, get_tokenizer
+from gptlib.tokenizer import (
+    BPE_FILE,
+    BPETokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    TokenizerError,
+    dataset_tokenizer,
+    file_sha256,
+    get_tokenizer,
+    parse_tokenizer_name,
+    train_bpe,
+)
 
 SPLITS = ("train", "validation")
 DATASET_FILES = tuple(f"{split}.safetensors" for split in SPLITS)
-BUILTIN_STDLIB_DOCS = "builtin:stdlib-docs"
+BUILTIN_PYTHON_STDLIB = "builtin:python-stdlib"
+RETIRED_BUILTINS = {"builtin:stdlib-docs": "docstrings only, GPT-2 tokens, unshuffled"}
 DATASET_FORMS = (
-    f"`{BUILTIN_STDLIB_DOCS}`, `hf:<owner/repo>`, "
+    f"`{BUILTIN_PYTHON_STDLIB}`, `hf:<owner/repo>`, "
     "or a directory with train.safetensors and validation.safetensors"
 )
 
@@ -331,7 +340,7 @@ def token_budget(
 
 
 # ---------------------------------------------------------------------------------------------
-# Dataset sources: builtin:stdlib-docs, hf:<repo>, a directory
+# Dataset sources: builtin:python-stdlib, hf:<repo>, a directory
 # ---------------------------------------------------------------------------------------------
 
 
@@ -348,10 +357,17 @@ def resolve_dataset(spec: str | Path, cache_dir: Path | None = None) -> Path:
     """The directory holding train/validation token files for a dataset spec (fetch/build it)."""
     spec = str(spec)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    if spec == BUILTIN_STDLIB_DOCS:
-        return build_stdlib_docs(cache_dir)
+    if spec == BUILTIN_PYTHON_STDLIB:
+        from gptlib.corpus import build_python_stdlib
+
+        return build_python_stdlib(cache_dir)
+    if spec in RETIRED_BUILTINS:
+        raise DataError(
+            f"built-in dataset {spec!r} ({RETIRED_BUILTINS[spec]}) was replaced by "
+            f"{BUILTIN_PYTHON_STDLIB}; runs made with it cannot be re-evaluated"
+        )
     if spec.startswith("builtin:"):
-        raise DataError(f"unknown built-in dataset {spec!r}; the only one is {BUILTIN_STDLIB_DOCS}")
+        raise DataError(f"unknown built-in dataset {spec!r}; the only one is {BUILTIN_PYTHON_STDLIB}")
     if spec.startswith("hf:"):
         return _resolve_hf(spec[3:], cache_dir)
     directory = Path(spec).expanduser()
@@ -437,7 +453,7 @@ def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
             snapshot_download(
                 repo_id=repo_id,
                 repo_type="dataset",
-                allow_patterns=list(DATASET_FILES),
+                allow_patterns=[*DATASET_FILES, "meta.json", BPE_FILE],  # a fitted BPE, if any
                 local_dir=local_dir,
             )
         except Exception as e:  # network, authentication, unknown repository ...
@@ -449,6 +465,26 @@ def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
     if missing:
         raise DataError(f"dataset hf:{repo_id} has no {', '.join(missing)} at its top level")
     return local_dir
+
+
+def open_tokenizer(spec_or_dir: str | Path, cache_dir: Path | None = None) -> Tokenizer:
+    """The tokenizer of a dataset spec or directory (GPT-2 unless its meta.json names a BPE)."""
+    try:
+        return dataset_tokenizer(resolve_dataset(spec_or_dir, cache_dir))
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
+
+
+def check_vocab_size(vocab_size: int, spec: str) -> Tokenizer:
+    """The dataset's tokenizer, after checking a model with `vocab_size` outputs can hold its ids."""
+    tokenizer = open_tokenizer(spec)
+    if vocab_size < tokenizer.n_vocab:
+        raise DataError(
+            f"model.vocab_size={vocab_size} is smaller than the {tokenizer.name} tokenizer of "
+            f"dataset {spec} ({tokenizer.n_vocab:,} tokens); set model.vocab_size >= "
+            f"{tokenizer.n_vocab}"
+        )
+    return tokenizer
 
 
 def dataset_split(spec_or_dir: str | Path, split: str, cache_dir: Path | None = None) -> TokenFile:
@@ -466,10 +502,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _encode_documents(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of non-blank documents, each followed by EOT, and each document's token count."""
-    encoding = get_tokenizer()
-    docs = [encoding.encode_ordinary(text) + [EOT_TOKEN] for text in texts if text.strip()]
+def _encode_documents(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of non-blank documents, each followed by EOT, and each document's token count
+    (GPT-2 unless another tokenizer is given)."""
+    tokenizer = GPT2Tokenizer() if tokenizer is None else tokenizer
+    docs = [ids + [tokenizer.eot_id]
+            for ids in tokenizer.encode_documents([text for text in texts if text.strip()])]
     lengths = np.array([len(doc) for doc in docs], dtype=np.int64)
     tokens = [np.array(doc, dtype=np.uint16) for doc in docs]
     return (np.concatenate(tokens) if tokens else np.zeros(0, np.uint16)), lengths
@@ -516,34 +554,47 @@ def _validation_start(doc_ends: np.ndarray, target_tokens: int) -> int:
     return int(boundaries[max(i, 0)])
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def _tokenize_into(
+def tokenize_into(
     out_dir: Path,
     batches: Iterable[list[str]],
-    validation_fraction: float,
-    min_validation_tokens: int,
-    workers: int,
-    progress: bool,
+    *,
     meta: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+    validation_documents: int | None = None,
+    validation_fraction: float = 0.01,
+    min_validation_tokens: int = 1,
+    workers: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Tokenise document batches into out_dir/{train,validation}.safetensors + meta.json.
+    """Tokenise document batches into out_dir/{train,validation}.safetensors + meta.json (and the
+    tokenizer's tokenizer.json when it is a BPE).
 
-    Tokens stream to a raw temporary file, so memory stays bounded however big the input is.
+    The validation split is the last `validation_documents` non-blank documents when given, else
+    the last documents holding `validation_fraction` of the tokens (at least
+    `min_validation_tokens`). GPT-2 encodes on `workers` processes; a BPE encodes in this process
+    (`tokenizers` uses its own threads). Tokens stream to a raw temporary file, so memory stays
+    bounded however big the input is.
     """
+    tokenizer = GPT2Tokenizer() if tokenizer is None else tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_path = out_dir / f".tokens-{uuid.uuid4().hex}.tmp"
     lengths: list[np.ndarray] = []
     n_docs = n_tokens = 0
     started = last_report = time.monotonic()
-    get_tokenizer()  # build it once here, so forked workers inherit it
+    if isinstance(tokenizer, GPT2Tokenizer):
+        get_tokenizer()  # build it once here, so forked workers inherit it
+        encoded = _map_ordered(_encode_documents, batches, workers)
+    else:
+        encoded = (_encode_documents(batch, tokenizer) for batch in batches)
     try:
         with open(raw_path, "wb") as raw:
-            for tokens, doc_lengths in _map_ordered(_encode_documents, batches, workers):
+            for tokens, doc_lengths in encoded:
                 raw.write(tokens.data)
                 lengths.append(doc_lengths)
                 n_docs += len(doc_lengths)
@@ -563,8 +614,14 @@ def _tokenize_into(
                 "(one for train, one for validation)"
             )
         doc_ends = np.cumsum(np.concatenate(lengths))
-        target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
-        split = _validation_start(doc_ends, target)
+        if validation_documents is not None:
+            if not 1 <= validation_documents < n_docs:
+                raise DataError(f"validation_documents={validation_documents} must be in "
+                                f"[1, {n_docs - 1}] for {n_docs} documents")
+            split = int(doc_ends[n_docs - validation_documents - 1])
+        else:
+            target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
+            split = _validation_start(doc_ends, target)
         tokens = np.memmap(raw_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
         chunk = 1 << 24
         for name, lo, hi in (("train", 0, split), ("validation", split, n_tokens)):
@@ -576,7 +633,9 @@ def _tokenize_into(
     train_docs = int(np.searchsorted(doc_ends, split, side="right"))
     result = {
         **meta,
-        "tokenizer": "gpt2",
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.n_vocab,
+        "eot_id": tokenizer.eot_id,
         "dtype": "uint16",
         "documents": n_docs,
         "train_documents": train_docs,
@@ -585,138 +644,20 @@ def _tokenize_into(
         "validation_tokens": n_tokens - split,
         "seconds": round(time.monotonic() - started, 2),
     }
-    _write_json_atomic(out_dir / "meta.json", result)
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save(out_dir / BPE_FILE)
+        result["tokenizer_sha256"] = file_sha256(out_dir / BPE_FILE)
+    write_json_atomic(out_dir / "meta.json", result)
     return result
 
 
-# ---------------------------------------------------------------------------------------------
-# The built-in corpus: Python's own documentation
-# ---------------------------------------------------------------------------------------------
-
-STDLIB_CORPUS_VERSION = 1
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def _stdlib_sources(stdlib: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of the standard library's .py files, sorted by path."""
-    sources = []
-    for root, dirs, files in os.walk(stdlib):
-        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP_DIRS]
-        for name in files:
-            if name.endswith(".py"):
-                path = Path(root, name)
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue
-                sources.append((path.relative_to(stdlib).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return sorted(sources)
-
-
-def _docstrings(node: ast.AST) -> Iterator[str]:
-    """Docstrings of a module and of every class and function inside it, in source order."""
-    if isinstance(node, _DOC_NODES):
-        doc = ast.get_docstring(node)
-        if doc:
-            yield doc
-    for child in ast.iter_child_nodes(node):
-        if not isinstance(child, ast.expr):  # no definitions inside expressions
-            yield from _docstrings(child)
-
-
-def _files_docstrings(paths: list[Path]) -> list[str]:
-    """Docstrings of several source files, parsed (never imported); unparsable files skipped."""
-    docs: list[str] = []
-    for path in paths:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # SyntaxWarnings about old escape sequences
-                tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (OSError, SyntaxError, ValueError, RecursionError):
-            continue
-        docs.extend(_docstrings(tree))
-    return docs
-
-
-def stdlib_documents(stdlib: Path | None = None, workers: int = 1) -> Iterator[str]:
-    """The corpus documents: every pydoc topic (sorted by key), then stdlib docstrings.
-
-    Docstrings come from the standard library's .py files sorted by relative path, parsed on
-    `workers` processes.
-    """
-    from pydoc_data.topics import topics
-
-    for key in sorted(topics):
-        yield topics[key]
-    stdlib = Path(sysconfig.get_paths()["stdlib"]) if stdlib is None else stdlib
-    paths = [stdlib / rel for rel, _, _ in _stdlib_sources(stdlib)]
-    chunks = [paths[i : i + 32] for i in range(0, len(paths), 32)]
-    for docs in _map_ordered(_files_docstrings, chunks, workers):
-        yield from docs
-
-
-def _stdlib_fingerprint(stdlib: Path) -> str:
-    """Short hash of what the corpus depends on: Python, builder version, tokenizer, sources."""
-    key = {
-        "python": sys.version,
-        "builder": STDLIB_CORPUS_VERSION,
-        "tokenizer": [VOCAB_BPE_SHA256, ENCODER_JSON_SHA256],
-        "stdlib": str(stdlib),
-        "sources": _stdlib_sources(stdlib),
-    }
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
-
-
-def _publish_dir(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path) -> None:
     """Rename a finished tmp dir to final; if another process got there first, keep theirs."""
     try:
         os.rename(tmp, final)
     except OSError:
         if not (final / "meta.json").is_file():
             raise
-
-
-def build_stdlib_docs(cache_dir: Path | None = None) -> Path:
-    """The `builtin:stdlib-docs` dataset directory, built on first use and reused afterwards."""
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    fingerprint = _stdlib_fingerprint(stdlib)
-    final = cache_dir / "datasets" / f"stdlib-docs-{fingerprint}"
-    if (final / "meta.json").is_file():
-        return final
-    if final.exists():  # an incomplete leftover (never produced by this function): rebuild
-        shutil.rmtree(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(
-            f"cannot create the dataset cache {final.parent} ({e.strerror}); "
-            "set GPTLIB_CACHE to a writable directory"
-        ) from e
-    print(f"gptlib: building {BUILTIN_STDLIB_DOCS} into {final} ...", file=sys.stderr, flush=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        meta = _tokenize_into(
-            tmp,
-            _batched(stdlib_documents(stdlib, workers=min(os.cpu_count() or 1, 8))),
-            validation_fraction=0.05,
-            min_validation_tokens=30_000,
-            workers=1,
-            progress=False,
-            meta={"source": BUILTIN_STDLIB_DOCS, "fingerprint": fingerprint},
-        )
-        _publish_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        f"gptlib: {BUILTIN_STDLIB_DOCS}: {meta['documents']:,} documents, "
-        f"{meta['train_tokens']:,} train + {meta['validation_tokens']:,} validation tokens "
-        f"in {meta['seconds']:.1f} s",
-        file=sys.stderr,
-        flush=True,
-    )
-    return final
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,45 +711,69 @@ def _read_documents(files: list[Path]) -> Iterator[str]:
                 yield from (text for text in batch.column(0).to_pylist() if text)
 
 
+def validation_document_count(lengths: Sequence[int], fraction: float) -> int:
+    """How many of the last documents (of `lengths` characters each) hold at least `fraction` of
+    the characters: at least one, and at least one document left for training."""
+    total, tail, count = sum(lengths), 0, 0
+    for length in reversed(lengths):
+        if tail >= fraction * total or count == len(lengths) - 1:
+            break
+        tail += length
+        count += 1
+    return max(count, 1)
+
+
 def prepare_dataset(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     validation_fraction: float = 0.01,
     workers: int | None = None,
     progress: bool = True,
+    tokenizer: str = "gpt2",
 ) -> dict[str, Any]:
     """Build a token dataset directory from .txt files and/or parquet files with a `text` column.
 
-    Documents are tokenised in parallel, each followed by EOT; the last `validation_fraction` of
-    the tokens (on a document boundary, at least one document) becomes the validation split.
-    Returns the counts also written to meta.json.
+    `tokenizer` is `gpt2` (GPT-2's ids, tokenised on `workers` processes; the last
+    `validation_fraction` of the tokens, on a document boundary, is the validation split) or
+    `bpe-<N>` (a byte-level BPE of N tokens fitted to the training documents, saved beside the
+    token files as tokenizer.json; validation is the last documents holding `validation_fraction`
+    of the characters, decided before the fit so it never sees them). Each document is followed
+    by EOT. Returns the counts also written to meta.json.
     """
     if not 0 < validation_fraction < 1:
         raise DataError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    try:
+        vocab_size = parse_tokenizer_name(tokenizer)
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
     workers = (os.cpu_count() or 1) if workers is None else workers
     _check_positive(workers=workers)
     files = _input_files(inputs)
     out_dir = Path(out_dir)
-    if progress:
-        print(
-            f"prepare: tokenising {len(files)} files with {workers} workers into {out_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-    result = _tokenize_into(
-        out_dir,
-        _batched(_read_documents(files)),
-        validation_fraction=validation_fraction,
-        min_validation_tokens=1,
-        workers=workers,
-        progress=progress,
-        meta={"source": [str(f) for f in files]},
-    )
-    if progress:
-        print(
-            f"prepare: {result['documents']:,} documents -> {result['train_tokens']:,} train + "
-            f"{result['validation_tokens']:,} validation tokens in {result['seconds']:.1f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"prepare: {message}", file=sys.stderr, flush=True)
+
+    meta: dict[str, Any] = {"source": [str(f) for f in files]}
+    if vocab_size is None:
+        say(f"tokenising {len(files)} files with {workers} workers into {out_dir}")
+        result = tokenize_into(out_dir, _batched(_read_documents(files)), meta=meta,
+                               validation_fraction=validation_fraction, workers=workers,
+                               progress=progress)
+    else:
+        lengths = [len(doc) for doc in _read_documents(files) if doc.strip()]
+        if len(lengths) < 2:
+            raise DataError(f"found {len(lengths)} non-empty documents in the inputs; need at least 2 "
+                            "(one for train, one for validation)")
+        held_out = validation_document_count(lengths, validation_fraction)
+        say(f"fitting a {vocab_size}-token BPE to {len(lengths) - held_out:,} training documents")
+        training = (doc for doc in _read_documents(files) if doc.strip())
+        bpe = train_bpe(itertools.islice(training, len(lengths) - held_out), vocab_size)
+        say(f"tokenising {len(files)} files with {bpe.name} into {out_dir}")
+        result = tokenize_into(out_dir, _batched(_read_documents(files)), meta=meta, tokenizer=bpe,
+                               validation_documents=held_out, progress=progress)
+    say(f"{result['documents']:,} documents -> {result['train_tokens']:,} train + "
+        f"{result['validation_tokens']:,} validation tokens ({result['tokenizer']}) in "
+        f"{result['seconds']:.1f} s")
     return result

@@ -11,6 +11,11 @@ run: bf16 runs evaluate under bf16 autocast, fp16 runs under fp16 autocast on CU
 which has no fast fp16), fp32 runs in fp32 with TF32 off. Logits are cast to fp32 before the
 cross-entropy.
 
+Reference points, on the same test slice: the *uniform* loss ln(V) of guessing every one of the
+tokenizer's V tokens alike, and the *unigram* loss: the cross-entropy of the slice's targets under
+the token frequencies of the whole training split, add-0.5 smoothed ((count + 0.5) / (N + 0.5 V)).
+A model below the unigram level has learned more than how often each token occurs.
+
 Smoke test: the prompt ``eval.smoke_prompt`` continued by ``eval.smoke_tokens`` tokens with top-k
 ``eval.smoke_top_k`` and temperature ``eval.smoke_temperature`` (0 = greedy), as in the book's
 ``generate``. Sampling draws from a local ``torch.Generator`` seeded with ``eval.smoke_seed`` on
@@ -21,16 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import RunConfig, load_config
-from gptlib.data import BatchReader, DataError, TokenFile, resolve_dataset
+from gptlib.data import BatchReader, DataError, TokenFile, open_tokenizer, resolve_dataset
 from gptlib.model import GPTModel, load_weights
-from gptlib.tokenizer import N_VOCAB, decode, encode
+from gptlib.tokenizer import Tokenizer
 from gptlib.train import autocast_context, pick_device, resolve_precision, write_summary
 
 __all__ = [
@@ -39,6 +47,7 @@ __all__ = [
     "load_run",
     "validation_reader",
     "test_loss",
+    "unigram_loss",
     "generate",
     "smoke_test",
     "evaluate_run",
@@ -56,14 +65,25 @@ class EvalResult:
     eval_batches: int
     eval_tokens: int
     eval_precision: str
+    unigram_loss: float  # the same slice under the training split's token frequencies
+    uniform_loss: float  # ln(tokenizer vocabulary)
 
     def lines(self) -> list[str]:
         """Human-readable lines, the loss to 6 decimals as the series prints it."""
         return [
             f"Test loss: {self.test_loss:.6f} (checkpoint {self.eval_checkpoint}, "
             f"{self.eval_batches:,} batches, {self.eval_tokens:,} tokens, {self.eval_precision})",
+            reference_line(self.test_loss, self.unigram_loss, self.uniform_loss),
             f"Smoke test: {self.smoke_text}",
         ]
+
+
+def reference_line(loss: float, unigram: float, uniform: float) -> str:
+    """Where a test loss stands against the unigram and uniform levels of its slice."""
+    gap = unigram - loss
+    where = f"{gap:.3f} nats below" if gap > 0 else f"{-gap:.3f} nats above"
+    return (f"Unigram level of the same tokens: {unigram:.4f} ({where} it); uniform guess: "
+            f"{uniform:.4f}")
 
 
 def eval_precision(precision: str, device: torch.device) -> str:
@@ -120,6 +140,35 @@ def validation_reader(cfg: RunConfig, batches: int | None = None) -> tuple[Batch
     return reader, available if batches == -1 else batches
 
 
+@functools.lru_cache(maxsize=4)
+def _token_counts(path: Path, size: int, mtime_ns: int, vocab: int) -> np.ndarray:
+    """Occurrences of every id in a token file, read in chunks (never the whole file at once)."""
+    tokens = TokenFile(path)
+    counts = np.zeros(vocab, dtype=np.int64)
+    chunk = 1 << 24
+    for start in range(0, len(tokens), chunk):
+        ids = tokens.read(start, min(chunk, len(tokens) - start)).numpy()
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise DataError(f"token file {path} holds ids outside [0, {vocab}) of its tokenizer")
+        counts += np.bincount(ids, minlength=vocab)
+    return counts
+
+
+def unigram_loss(cfg: RunConfig, batches: int | None = None) -> tuple[float, float]:
+    """(unigram loss, uniform loss) of the test slice ``test_loss`` scores (see the module doc)."""
+    vocab = open_tokenizer(cfg.train.dataset).n_vocab
+    train = resolve_dataset(cfg.train.dataset) / "train.safetensors"
+    stat = train.stat()
+    counts = _token_counts(train.resolve(), stat.st_size, stat.st_mtime_ns, vocab)
+    log_p = np.log(counts + 0.5) - math.log(counts.sum() + 0.5 * vocab)
+    reader, n = validation_reader(cfg, batches)
+    # The slice's targets: batch i covers tokens [s_i + 1, s_i + 1 + rows) with s_i consecutive.
+    targets = reader.token_file.read(cfg.eval.start_token + 1, n * reader.block_tokens).numpy()
+    if targets.min() < 0 or targets.max() >= vocab:
+        raise DataError(f"validation split {reader.token_file.path} holds ids outside [0, {vocab})")
+    return float(-log_p[targets].mean()), math.log(vocab)
+
+
 def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
     precision = eval_precision(cfg.train.precision, device)
     return autocast_context(precision, device), precision
@@ -155,18 +204,21 @@ def generate(
     top_k: int = 0,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    n_vocab: int | None = None,
 ) -> torch.Tensor:
     """The book's ``generate``: extend ``ids`` [1, n] by ``new_tokens`` tokens.
 
     Top-k keeps the k largest logits (0 = all), temperature 0 takes the argmax; otherwise the next
-    token is drawn on the CPU from ``generator``. Padded vocabulary entries are never chosen.
+    token is drawn on the CPU from ``generator``. Entries past the tokenizer's ``n_vocab`` (a
+    padded vocabulary) are never chosen.
     """
     context = model.cfg.context_length
+    n_vocab = model.cfg.vocab_size if n_vocab is None else n_vocab
     for _ in range(new_tokens):
         logits = model(ids[:, -context:])[:, -1, :].float().cpu()
-        logits[:, N_VOCAB:] = float("-inf")
+        logits[:, n_vocab:] = float("-inf")
         if top_k:
-            threshold = torch.topk(logits, min(top_k, N_VOCAB)).values[:, -1:]
+            threshold = torch.topk(logits, min(top_k, n_vocab)).values[:, -1:]
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
@@ -177,29 +229,38 @@ def generate(
     return ids
 
 
-def smoke_test(model: GPTModel, cfg: RunConfig, seed: int | None = None) -> str:
-    """The prompt and its continuation as one text (the series' smoke test), reproducibly."""
+def smoke_test(model: GPTModel, cfg: RunConfig, seed: int | None = None,
+               tokenizer: Tokenizer | None = None) -> str:
+    """The prompt and its continuation as one text (the series' smoke test), reproducibly, in the
+    tokenizer of the run's dataset unless another is given."""
     e = cfg.eval
+    tokenizer = open_tokenizer(cfg.train.dataset) if tokenizer is None else tokenizer
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(e.smoke_seed if seed is None else seed)
-    ids = torch.tensor([encode(e.smoke_prompt)], device=device)
+    ids = torch.tensor([tokenizer.encode(e.smoke_prompt)], device=device)
     autocast, _ = _autocast(cfg, device)
     model.eval()
     with torch.inference_mode(), autocast:
-        out = generate(model, ids, e.smoke_tokens, e.smoke_top_k, e.smoke_temperature, generator)
-    return decode(out[0].cpu())
+        out = generate(model, ids, e.smoke_tokens, e.smoke_top_k, e.smoke_temperature, generator,
+                       tokenizer.n_vocab)
+    return tokenizer.decode(out[0].cpu())
 
 
 def evaluate_run(
     run_dir: str | Path,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     batches: int | None = None,
     device: torch.device | str | None = None,
     write: bool = True,
 ) -> EvalResult:
-    """Test loss and smoke test of one checkpoint of a run; merged into summary.json if ``write``."""
+    """Test loss, its reference levels and the smoke test of one checkpoint of a run (default: the
+    config's ``eval.checkpoint``); merged into summary.json if ``write``."""
+    if checkpoint is None:
+        config = Path(run_dir) / "config.yaml"
+        checkpoint = load_config(config).eval.checkpoint if config.is_file() else "best"
     cfg, model, path = load_run(run_dir, checkpoint, device)
     loss, n, precision = test_loss(model, cfg, batches)
+    unigram, uniform = unigram_loss(cfg, batches)
     result = EvalResult(
         test_loss=loss,
         smoke_text=smoke_test(model, cfg),
@@ -207,6 +268,8 @@ def evaluate_run(
         eval_batches=n,
         eval_tokens=n * cfg.eval.batch_size * cfg.model.context_length,
         eval_precision=precision,
+        unigram_loss=unigram,
+        uniform_loss=uniform,
     )
     if write:
         write_summary(Path(run_dir), asdict(result))
@@ -229,6 +292,7 @@ def evaluate_model(
     cfg = copy.deepcopy(cfg)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
     loss, n, precision = test_loss(model, cfg, batches)
+    unigram, uniform = unigram_loss(cfg, batches)
     return EvalResult(
         test_loss=loss,
         smoke_text=smoke_test(model, cfg),
@@ -236,4 +300,6 @@ def evaluate_model(
         eval_batches=n,
         eval_tokens=n * cfg.eval.batch_size * cfg.model.context_length,
         eval_precision=precision,
+        unigram_loss=unigram,
+        uniform_loss=uniform,
     )

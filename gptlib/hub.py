@@ -38,9 +38,10 @@ from gptlib.config import (
     load_config,
     resolve_config,
 )
-from gptlib.data import DataError, _env_true, resolve_dataset
+from gptlib.data import DataError, _env_true, open_tokenizer, resolve_dataset
 from gptlib.evals import EvalResult, evaluate_model
 from gptlib.model import GPTModel, count_parameters
+from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
 from gptlib.train import format_duration, pick_device, resolve_precision
 
 __all__ = [
@@ -55,14 +56,16 @@ __all__ = [
     "build_folder",
     "model_card",
     "publish_run",
+    "load_tokenizer",
     "upload",
 ]
 
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 # What a model download fetches: the config files of every layout and the safetensors weights.
-MODEL_PATTERNS = ["config.json", "model.json", "config.yaml", WEIGHTS, SHARD_INDEX, "model-*.safetensors"]
-PUBLISH_FILES = ("model.safetensors", "config.json", "README.md", "loss.png", "loss.html")
+MODEL_PATTERNS = ["config.json", "model.json", "config.yaml", WEIGHTS, SHARD_INDEX, "model-*.safetensors",
+                  BPE_FILE]
+PUBLISH_FILES = ("model.safetensors", "config.json", "README.md", "loss.png", "loss.html", BPE_FILE)
 GPTLIB_MODEL_TYPE = "gptlib"
 PROJECT_URL = "https://github.com/gpjt/ddp-base-model-from-scratch"  # the series' code
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
@@ -374,6 +377,18 @@ def load_model(
     return model.to(device).eval()
 
 
+def load_tokenizer(source: str | Path, revision: str | None = None,
+                   cache_dir: Path | None = None) -> Tokenizer:
+    """The tokenizer of a model source: the run's dataset tokenizer for a run directory, the
+    `tokenizer.json` a published folder or repo ships (a fitted BPE), else GPT-2."""
+    folder = model_folder(source, revision, cache_dir)
+    if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+        return open_tokenizer(load_config(folder / "config.yaml").train.dataset)
+    if (folder / BPE_FILE).is_file():
+        return BPETokenizer.from_file(folder / BPE_FILE)
+    return GPT2Tokenizer()
+
+
 def evaluate_source(
     source: str | Path,
     scale: str,
@@ -469,9 +484,13 @@ def _num(value: Any, spec: str, suffix: str = "") -> str:
 
 
 def model_card(repo_id: str, checkpoint: str, cfg: RunConfig, summary: dict[str, Any],
-               n_params: int, chart: str) -> str:
+               n_params: int, chart: str, tokenizer: Tokenizer | None = None) -> str:
     """The README.md of a published run: what was trained, how it did, how to load it."""
     m, t = cfg.model, cfg.train
+    tokenizer = GPT2Tokenizer() if tokenizer is None else tokenizer
+    fitted = isinstance(tokenizer, BPETokenizer)
+    tokenizer_note = " (fitted to the training data; `tokenizer.json` in this repo)" if fitted else ""
+    files_note = f" and `{BPE_FILE}` (the tokenizer, Hugging Face `tokenizers` format)" if fitted else ""
     names = " + ".join(cfg.interventions) or "none (the scale's baseline)"
     dataset = t.dataset.removeprefix("hf:") if t.dataset.startswith("hf:") else None
     front = {"library_name": "gptlib", "pipeline_tag": "text-generation",
@@ -527,7 +546,7 @@ A GPT-2-style base model trained from scratch with **gptlib**, which reproduces 
   context {m.context_length}, vocabulary {m.vocab_size}, dropout {m.drop_rate}, qkv bias {m.qkv_bias},
   tied embeddings {m.tie_weights}
 - Weights: checkpoint `{checkpoint}` of the run
-- Data: `{t.dataset}`, GPT-2 tokenizer
+- Data: `{t.dataset}`, tokenizer {tokenizer.name}{tokenizer_note}
 
 ## Results
 
@@ -557,17 +576,20 @@ Differences from the `{cfg.scale}` baseline (scale preset, no interventions):
 
 ```python
 from gptlib.hub import load_model
+from gptlib.hub import load_model, load_tokenizer
 from gptlib.evals import generate
-from gptlib.tokenizer import decode, encode
 import torch
 
 model = load_model("{repo_id}")  # a gptlib GPTModel (the book's parameter names), eval mode
-ids = generate(model, torch.tensor([encode("Every effort moves you")]), 20, top_k=25, temperature=1.4)
-print(decode(ids[0]))
+tokenizer = load_tokenizer("{repo_id}")  # {tokenizer.name}
+prompt = torch.tensor([tokenizer.encode({cfg.eval.smoke_prompt!r})])
+ids = generate(model, prompt, {cfg.eval.smoke_tokens}, top_k={cfg.eval.smoke_top_k},
+               temperature={cfg.eval.smoke_temperature}, n_vocab=tokenizer.n_vocab)
+print(tokenizer.decode(ids[0]))
 ```
 
-Files: `model.safetensors` (the book's parameter names; a tied head is stored once) and
-`config.json` (the model config: `model_type` "{GPTLIB_MODEL_TYPE}" and gptlib's `ModelConfig`).
+Files: `model.safetensors` (the book's parameter names; a tied head is stored once),
+`config.json` (the model config: `model_type` "{GPTLIB_MODEL_TYPE}" and gptlib's `ModelConfig`){files_note}.
 Score it on another test set with `gptlib eval {repo_id} --scale <scale>`.
 
 Software: {software}; git commit {summary.get('git_commit') or 'unknown'}.
@@ -601,7 +623,17 @@ def build_folder(run_dir: str | Path, repo_id: str, checkpoint: str = "best", ou
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     chart = _chart(run_dir, folder)
     n_params = count_parameters(_build(cfg.model, state, str(path)))
-    card = model_card(repo_id, path.name, cfg, summary, n_params, chart)
+    try:
+        tokenizer = open_tokenizer(cfg.train.dataset)
+    except DataError as e:  # the dataset is not on this machine: fine for GPT-2 tokens
+        if summary.get("tokenizer", "gpt2") != "gpt2":
+            raise HubError(f"cannot publish {run_dir}: its tokenizer ({summary['tokenizer']}) is the "
+                           f"tokenizer.json of dataset {cfg.train.dataset}, which is not available "
+                           f"here ({e})") from None
+        tokenizer = GPT2Tokenizer()
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.save(folder / BPE_FILE)
+    card = model_card(repo_id, path.name, cfg, summary, n_params, chart, tokenizer)
     (folder / "README.md").write_text(card)
     return folder
 

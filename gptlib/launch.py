@@ -26,7 +26,7 @@ import torch
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
-from gptlib.data import TokenFile, resolve_dataset, token_budget
+from gptlib.data import TokenFile, check_vocab_size, resolve_dataset, token_budget
 from gptlib.model import GPTModel, count_parameters
 from gptlib.paths import OUTPUTS_DIR
 from gptlib.train import pick_device, resolve_precision, write_summary
@@ -75,6 +75,7 @@ def prepare_run(
         raise ConfigError(f"nproc={world_size} but only {torch.cuda.device_count()} GPUs are visible")
     cfg.train.precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
     dataset = resolve_dataset(cfg.train.dataset)
+    check_vocab_size(cfg.model.vocab_size, cfg.train.dataset)
     t = cfg.train
     total_steps, _ = token_budget(
         t.min_train_tokens,
@@ -296,20 +297,3 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
         write_summary(run_dir, {"status": "failed", "error": message})
         raise LaunchError(message + "\nlast log lines:\n" + "\n".join(last))
     return json.loads((run_dir / "summary.json").read_text())
-
-
-def run_training(
-    scale: str = "tiny",
-    intervention: str | list[str] = "baseline",
-    seed: int | None = None,
-    overrides: dict | list[str] | None = None,
-    nproc: int | str | None = None,
-    run_dir: str | Path | None = None,
-    resume: str | None = None,
-    overwrite: bool = False,
-    on_line: Callable[[str], None] | None = None,
-) -> dict:
-    """Prepare and launch one run; the function the CLI and train.ipynb call."""
-    _, path, world_size = prepare_run(scale, intervention, seed, overrides, nproc, run_dir,
-                                      resume, overwrite)
-    return launch(path, world_size, resume, on_line)

@@ -31,6 +31,7 @@ from gptlib.charts import grad_norm_chart, loss_chart, lr_chart, save_run_charts
 from gptlib.checkpoint import CheckpointError
 from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
+from gptlib.evals import reference_line
 from gptlib.launch import LaunchError, launch, prepare_run
 from gptlib.paths import REPO_ROOT
 from gptlib.summary import read_summary
@@ -277,12 +278,16 @@ def show_evaluation(run_dir: str | Path) -> None:
         return
     checkpoint = summary.get("eval_checkpoint", "?")
     loss = f"Test loss: {summary['test_loss']:.6f} (checkpoint {checkpoint})"
+    references = (reference_line(summary["test_loss"], summary["unigram_loss"],
+                                 summary["uniform_loss"])
+                  if summary.get("unigram_loss") is not None else "")
     compare = _baseline_line(run_dir, summary)
     smoke = summary.get("smoke_text", "")
-    plain = f"Smoke test: {smoke}\n\n{loss}\n{compare}"
+    plain = f"Smoke test: {smoke}\n\n{loss}\n{references}\n{compare}"
     rich = (f"<p><b>Smoke test</b> (checkpoint {html.escape(checkpoint)}):</p>"
-            f"<blockquote style=\"white-space: pre-wrap\">{html.escape(smoke)}</blockquote>"
-            f"<p><b>{html.escape(loss)}</b><br>{html.escape(compare)}</p>")
+            f"<pre style=\"white-space: pre-wrap\">{html.escape(smoke)}</pre>"
+            f"<p><b>{html.escape(loss)}</b><br>{html.escape(references)}<br>"
+            f"{html.escape(compare)}</p>")
     _text(plain, rich)
 
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import load_config
-from gptlib.data import BatchReader, TokenFile, resolve_dataset
+from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset
 from gptlib.evals import load_run
-from gptlib.tokenizer import decode
 
 
 @dataclass
@@ -87,6 +86,7 @@ def analyse(run_dir: str | Path, device: str | None = None) -> list[SpikeReport]
     reader = BatchReader(TokenFile(resolve_dataset(t.dataset) / "train.safetensors"),
                          t.microbatch_size, cfg.model.context_length, t.gradient_accumulation_steps,
                          world_size, t.start_train_token)
+    tokenizer = open_tokenizer(t.dataset)
     reports, models = [], {}
     for spike in spikes:
         name = checkpoint_before(run_dir, spike["step"])
@@ -96,7 +96,7 @@ def analyse(run_dir: str | Path, device: str | None = None) -> list[SpikeReport]
         device_of_model = next(model.parameters()).device
         pairs = [(int(rank), w) for rank, ws in spike["windows"].items() for w in ws]
         losses = window_losses(model, reader, [w for _, w in pairs], device_of_model)
-        scores = [WindowScore(rank, w, loss, decode(reader.window_tokens(w)[:-1].tolist()))
+        scores = [WindowScore(rank, w, loss, tokenizer.decode(reader.window_tokens(w)[:-1].tolist()))
                   for (rank, w), loss in zip(pairs, losses, strict=True)]
         reports.append(SpikeReport(
             spike["step"], spike["loss"], spike["level"], spike.get("grad_norm"), spike["lr"],

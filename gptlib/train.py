@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import ConfigError, RunConfig, TrainConfig, check_world_size, load_config
-from gptlib.data import BatchReader, TokenFile, resolve_dataset, token_budget
+from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset, token_budget
 from gptlib.lifeline import hold_writer_lock
 from gptlib.metrics import SpikeDetector, aggregate_period, peak_flops, read_metrics
 from gptlib.model import GPTModel, count_parameters, flops_per_token
@@ -260,7 +260,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
         write_summary(run_dir, {"status": "running", "error": None, "run_name": cfg.run_name,
                                 "scale": cfg.scale, "interventions": cfg.interventions,
                                 "world_size": ctx.world_size, "device": str(ctx.device),
-                                "precision": precision, "total_steps": total_steps})
+                                "precision": precision, "total_steps": total_steps,
+                                "tokenizer": open_tokenizer(t.dataset).name})
         ctx.log(f"Run {cfg.scale}/{cfg.run_name}: {count_parameters(raw_model):,} parameters, "
                 f"{ctx.world_size} x {ctx.device.type}, {precision}, {total_steps:,} steps of "
                 f"{global_batch_tokens:,} tokens"

@@ -34,3 +34,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+
+
+@pytest.fixture(scope="session")
+def python_stdlib(isolated_cache: None) -> tuple[Path, str]:
+    """builtin:python-stdlib built once into the session's cache: (dataset dir, what it printed)."""
+    import contextlib
+    import io
+
+    from gptlib.data import resolve_dataset
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        directory = resolve_dataset("builtin:python-stdlib")
+    return directory, stderr.getvalue()

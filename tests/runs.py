@@ -23,10 +23,14 @@ SENTENCES = [
 def micro(dataset: Path, **changes: object) -> dict:
     """Overrides for a model small enough that a step takes milliseconds."""
     overrides = {
+        "model.vocab_size": 50257,  # the test dataset is GPT-2 tokens (the tiny scale's BPE has 1,024)
         "model.context_length": 16, "model.emb_dim": 32, "model.n_heads": 2, "model.n_layers": 2,
         "model.drop_rate": 0.0, "train.dataset": str(dataset), "train.microbatch_size": 2,
         "train.gradient_accumulation_steps": 1, "train.checkpoint_interval": 4,
         "train.min_train_tokens": 8 * 2 * 16, "train.precision": "fp32", "train.log_interval": 2,
+        # English sentences, so the series' own smoke test (the tiny scale's prompt is Python)
+        "eval.smoke_prompt": "Every effort moves you", "eval.smoke_tokens": 20,
+        "eval.smoke_temperature": 1.4,
     }
     overrides.update(changes)
     return overrides

@@ -153,6 +153,8 @@ def test_progress_leaves_out_torchruns_failure_report() -> None:
 
 def test_papermill_handler_creates_the_output_folder(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import papermill.iorw  # noqa: F401  # as papermill runs: it loads our entry point itself
+
     from gptlib.papermill_io import outputs_handler
 
     monkeypatch.chdir(tmp_path)

@@ -200,8 +200,12 @@ def test_one_gpu_scale_differs_only_in_batch_layout() -> None:
 def test_tiny_is_the_default_and_small() -> None:
     cfg = resolve_config()
     assert cfg == resolve_config("tiny", "baseline")
-    assert (cfg.model.context_length, cfg.model.emb_dim, cfg.model.n_layers) == (128, 128, 4)
-    assert cfg.train.dataset == "builtin:stdlib-docs"
+    assert (cfg.model.vocab_size, cfg.model.context_length, cfg.model.emb_dim, cfg.model.n_layers) == (
+        1024, 128, 256, 4)
+    assert cfg.train.dataset == "builtin:python-stdlib"
+    # The series' baseline hyperparameters, unchanged.
+    assert (cfg.train.learning_rate, cfg.train.weight_decay, cfg.model.drop_rate) == (4e-4, 0.1, 0.1)
+    assert not cfg.train.schedule_learning_rate and cfg.train.clipping_max_norm is None
     assert (cfg.train.precision, cfg.eval.batches, cfg.eval.start_token) == ("auto", -1, 0)
 
 
@@ -403,7 +407,6 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
         r"by model\.n_heads=12",
     ),
     ({"overrides": ["model.n_layers=0"]}, r"model\.n_layers=0 must be >= 1"),
-    ({"overrides": ["model.vocab_size=1000"]}, r"model\.vocab_size=1000 must be >= 50257"),
     ({"overrides": ["model.drop_rate=1"]}, r"model\.drop_rate=1\.0 must be in \[0, 1\)"),
     ({"overrides": ["train.learning_rate=0"]}, r"train\.learning_rate=0\.0 must be > 0"),
     ({"overrides": ["train.weight_decay=-0.1"]}, r"train\.weight_decay=-0\.1 must be >= 0"),
@@ -427,7 +430,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     ),
     (
         {"overrides": {"train.global_batch_size": 20}},
-        r"global_batch_size=20 must be a positive multiple of .* = 16",
+        r"global_batch_size=20 must be a positive multiple of .* = 8",
     ),
 ]
 

@@ -1,9 +1,9 @@
-"""Token files, batch order, token budget, dataset sources, the built-in corpus and `prepare`."""
+"""Token files, batch order, token budget, dataset sources and `prepare` (the built-in corpus:
+test_corpus.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
+import hashlib
 import json
 import os
 import pickle
@@ -20,14 +20,16 @@ from gptlib.data import (
     BatchReader,
     DataError,
     TokenFile,
+    check_vocab_size,
     dataset_split,
     global_batch_tokens,
+    open_tokenizer,
     prepare_dataset,
     resolve_dataset,
     token_budget,
     write_token_file,
 )
-from gptlib.tokenizer import EOT_TOKEN, decode, encode
+from gptlib.tokenizer import EOT_TOKEN, BPETokenizer, dataset_tokenizer, decode, encode
 
 # ---------------------------------------------------------------------------------------------
 # Token files
@@ -305,12 +307,14 @@ def test_resolve_local_directory(tmp_path: Path) -> None:
         resolve_dataset(str(directory))
     with pytest.raises(
         DataError,
-        match=r"'nope' is not a directory or known source; use `builtin:stdlib-docs`, "
+        match=r"'nope' is not a directory or known source; use `builtin:python-stdlib`, "
         r"`hf:<owner/repo>`, or a directory with train\.safetensors and validation\.safetensors",
     ):
         resolve_dataset("nope")
     with pytest.raises(DataError, match="unknown built-in dataset 'builtin:shakespeare'"):
         resolve_dataset("builtin:shakespeare")
+    with pytest.raises(DataError, match="'builtin:stdlib-docs' .* was replaced by builtin:python-stdlib"):
+        resolve_dataset("builtin:stdlib-docs")
     with pytest.raises(DataError, match=r"must name a repository as hf:<owner>/<name>"):
         resolve_dataset("hf:just-a-name", tmp_path)
 
@@ -359,7 +363,8 @@ def test_resolve_hf_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         {
             "repo_id": "someone/tokens",
             "repo_type": "dataset",
-            "allow_patterns": ["train.safetensors", "validation.safetensors"],
+            "allow_patterns": ["train.safetensors", "validation.safetensors", "meta.json",
+                                   "tokenizer.json"],
             "local_dir": local,
         }
     ]
@@ -376,79 +381,14 @@ def test_resolve_hf_downloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 # ---------------------------------------------------------------------------------------------
-# The built-in corpus
-
-
-@pytest.fixture(scope="module")
-def builtin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """Build builtin:stdlib-docs once into an empty cache: (cache, dataset dir, stderr)."""
-    cache = tmp_path_factory.mktemp("gptlib-cache")
-    stderr = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
-        mp.setenv("GPTLIB_CACHE", str(cache))
-        directory = resolve_dataset("builtin:stdlib-docs")
-    return cache, directory, stderr.getvalue()
-
-
-def test_builtin_corpus_contents(builtin: tuple[Path, Path, str]) -> None:
-    from pydoc_data.topics import topics
-
-    cache, directory, stderr = builtin
-    meta = json.loads((directory / "meta.json").read_text())
-    assert directory.parent == cache / "datasets"
-    assert directory.name == f"stdlib-docs-{meta['fingerprint']}"
-    train = load_file(str(directory / "train.safetensors"))["tokens"]
-    validation = load_file(str(directory / "validation.safetensors"))["tokens"]
-    assert train.dtype == validation.dtype == np.uint16
-    assert (meta["train_tokens"], meta["validation_tokens"]) == (len(train), len(validation))
-    total = len(train) + len(validation)
-    assert 400_000 < total < 1_000_000
-    assert len(validation) >= 30_000 and len(validation) >= 0.05 * total
-    # Split on a document boundary; every document ends with EOT.
-    assert train[-1] == validation[-1] == EOT_TOKEN
-    n_train_docs = int((train == EOT_TOKEN).sum())
-    n_validation_docs = int((validation == EOT_TOKEN).sum())
-    assert (n_train_docs, n_validation_docs) == (
-        meta["train_documents"],
-        meta["validation_documents"],
-    )
-    assert meta["documents"] == n_train_docs + n_validation_docs > len(topics)
-    # The last documents alone make the validation split: dropping its first document would
-    # leave fewer than the required tokens.
-    first_doc_len = int(np.argmax(validation == EOT_TOKEN)) + 1
-    assert len(validation) - first_doc_len < max(30_000, 0.05 * total)
-    # It starts with the pydoc topics, sorted by key, each followed by EOT.
-    ends = np.flatnonzero(train == EOT_TOKEN)[: len(topics)]
-    starts = [0, *(ends[:-1] + 1)]
-    for key, start, end in zip(sorted(topics), starts, ends, strict=True):
-        assert decode(train[start:end]) == topics[key]
-    assert "building builtin:stdlib-docs" in stderr
-    assert f"{meta['train_tokens']:,} train + {meta['validation_tokens']:,} validation" in stderr
-
-
-def test_builtin_corpus_is_reused(
-    builtin: tuple[Path, Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    cache, directory, _ = builtin
-    mtime = (directory / "train.safetensors").stat().st_mtime_ns
-
-    def no_rebuild(*args: object, **kwargs: object) -> None:
-        raise AssertionError("rebuilt the cached corpus")
-
-    monkeypatch.setattr(data, "_tokenize_into", no_rebuild)
-    assert resolve_dataset("builtin:stdlib-docs", cache) == directory
-    monkeypatch.setenv("GPTLIB_CACHE", str(cache))
-    assert len(dataset_split("builtin:stdlib-docs", "validation")) >= 30_000
-    assert (directory / "train.safetensors").stat().st_mtime_ns == mtime
-    assert capsys.readouterr().err == ""
-    assert [p.name for p in directory.parent.iterdir()] == [directory.name]  # no temp dirs left
+# The dataset cache
 
 
 def test_unwritable_cache_is_a_data_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(DataError, match=r"cannot create the dataset cache .*set GPTLIB_CACHE"):
-        resolve_dataset("builtin:stdlib-docs", blocker)
+        resolve_dataset("builtin:python-stdlib", blocker)
 
 
 def test_publish_keeps_the_first_finished_build(tmp_path: Path) -> None:
@@ -456,32 +396,10 @@ def test_publish_keeps_the_first_finished_build(tmp_path: Path) -> None:
     for directory, text in ((theirs, "theirs"), (ours, "ours")):
         directory.mkdir()
         (directory / "meta.json").write_text(text)
-    data._publish_dir(ours, theirs)
+    data.publish_dir(ours, theirs)
     assert (theirs / "meta.json").read_text() == "theirs"
-    data._publish_dir(ours, tmp_path / "fresh")
+    data.publish_dir(ours, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "meta.json").read_text() == "ours"
-
-
-def test_docstrings_in_source_order() -> None:
-    import ast
-
-    source = '''"""Module doc."""
-class A:
-    """A doc."""
-    def f(self):
-        """f doc."""
-        def inner():
-            """inner doc."""
-    async def g(self):
-        """g doc."""
-if True:
-    def h():
-        """h doc."""
-def no_doc():
-    x = lambda: "not a docstring"
-'''
-    docs = list(data._docstrings(ast.parse(source)))
-    assert docs == ["Module doc.", "A doc.", "f doc.", "inner doc.", "g doc.", "h doc."]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +462,53 @@ def test_prepare_keeps_a_document_on_each_side(tmp_path: Path) -> None:
     assert small["validation_documents"] == 1
     large = prepare_dataset(inputs, tmp_path / "b", 0.99, workers=1, progress=False)
     assert large["train_documents"] == 1 and large["validation_documents"] == 2
+
+
+def test_prepare_with_a_fitted_bpe(tmp_path: Path) -> None:
+    """--tokenizer bpe-N: a BPE fitted to the training documents only, shipped beside the tokens."""
+    train_texts = [f"def handler_{i}(request):\n    return request.reply({i})\n" * 3 for i in range(40)]
+    held_out = "zebraquokka " * 200  # only in the last document: the validation split
+    inputs = []
+    for i, text in enumerate([*train_texts, held_out]):
+        inputs.append(tmp_path / f"{i:02d}.txt")
+        inputs[-1].write_text(text)
+    out = tmp_path / "bpe"
+    share = len(held_out) / sum(len(t) for t in [*train_texts, held_out])
+    result = prepare_dataset(inputs, out, validation_fraction=share * 0.9, progress=False,
+                             tokenizer="bpe-300")
+    assert result["tokenizer"] == "bpe-300" and result["vocab_size"] == 300
+    assert (result["train_documents"], result["validation_documents"]) == (40, 1)
+    tokenizer = dataset_tokenizer(out)
+    assert isinstance(tokenizer, BPETokenizer) and tokenizer.n_vocab == 300 and tokenizer.eot_id == 0
+    assert result["tokenizer_sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    train = load_file(str(out / "train.safetensors"))["tokens"]
+    validation = load_file(str(out / "validation.safetensors"))["tokens"]
+    assert int(train.max()) < 300 and int(validation.max()) < 300
+    # The files hold exactly each document's ids and EOT, and decode back to the documents.
+    expected = [t for text in train_texts for t in [*tokenizer.encode(text), 0]]
+    assert train.tolist() == expected
+    assert tokenizer.decode(validation[:-1]) == held_out and validation[-1] == 0
+    # The fit never saw the held-out text: its word is no token, though it is the most frequent.
+    assert not any("zebra" in piece for piece in tokenizer.backend.get_vocab())
+    assert any("handler" in piece for piece in tokenizer.backend.get_vocab())
+    with pytest.raises(DataError, match=r"tokenizer 'bpe-9': not allowed; allowed: gpt2, or bpe-<N>"):
+        prepare_dataset(inputs, tmp_path / "bad", progress=False, tokenizer="bpe-9")
+
+
+def test_a_dataset_without_meta_is_gpt2_and_a_tampered_bpe_is_refused(tmp_path: Path) -> None:
+    plain = _dataset_dir(tmp_path / "plain")
+    assert open_tokenizer(plain).name == "gpt2"
+    inputs = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    inputs[0].write_text("some text for the tokenizer " * 20)
+    inputs[1].write_text("more text " * 20)
+    out = tmp_path / "bpe"
+    prepare_dataset(inputs, out, 0.3, progress=False, tokenizer="bpe-270")
+    with open(out / "tokenizer.json", "a") as f:
+        f.write(" ")  # still valid JSON, but not the file the dataset was made with
+    with pytest.raises(DataError, match=r"tokenizer\.json does not match the sha256 .* meta\.json"):
+        open_tokenizer(out)
+    with pytest.raises(DataError, match=r"model\.vocab_size=100 is smaller than the gpt2 tokenizer"):
+        check_vocab_size(100, str(plain))
 
 
 def test_prepare_from_parquet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

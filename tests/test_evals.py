@@ -31,7 +31,8 @@ def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def best(run: Path) -> evals.EvalResult:
-    """The default evaluation (best checkpoint, every whole batch), not written."""
+    """The default evaluation (the config's eval.checkpoint -- the tiny scale's `latest` --, every
+    whole batch), not written."""
     return evals.evaluate_run(run, write=False)
 
 
@@ -70,12 +71,52 @@ def manual_test_loss(run: Path, checkpoint: str, batches: int | None = None,
 
 def test_test_loss_equals_an_independent_computation(run: Path, best: evals.EvalResult) -> None:
     result = best
-    expected, n = manual_test_loss(run, "best")
+    expected, n = manual_test_loss(run, "latest")
     assert result.eval_batches == n == (2000 - 1) // (8 * 16)  # tiny scale: eval batch 8, all
     assert result.test_loss == pytest.approx(expected, rel=1e-6)
     assert result.eval_tokens == n * 8 * 16
-    assert result.eval_checkpoint == (run / "checkpoints" / "best").read_text().strip()
+    assert result.eval_checkpoint == (run / "checkpoints" / "latest").read_text().strip() == "step-12"
     assert result.eval_precision == "fp32"
+
+
+def test_unigram_and_uniform_levels_equal_an_independent_computation(
+        run: Path, best: evals.EvalResult) -> None:
+    """Unigram: the slice's targets under the training split's add-0.5-smoothed frequencies."""
+    import math
+    from collections import Counter
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    dataset = Path(config["train"]["dataset"])
+    train = load_file(str(dataset / "train.safetensors"))["tokens"].tolist()
+    validation = load_file(str(dataset / "validation.safetensors"))["tokens"].tolist()
+    counts, vocab = Counter(train), 50257  # the test dataset is GPT-2 tokens
+    span = 8 * 16  # eval batch x context, batches from token 0
+    targets = [t for i in range(best.eval_batches) for t in validation[i * span + 1:(i + 1) * span + 1]]
+    expected = sum(-math.log((counts[t] + 0.5) / (len(train) + 0.5 * vocab)) for t in targets)
+    assert best.unigram_loss == pytest.approx(expected / len(targets), rel=1e-9)
+    assert best.uniform_loss == pytest.approx(math.log(vocab))
+    # 12 micro steps learn less than the frequencies of five sentences' tokens, and the line says so.
+    assert f"{best.test_loss - best.unigram_loss:.3f} nats above it" in evals.reference_line(
+        best.test_loss, best.unigram_loss, best.uniform_loss)
+    few = evals.evaluate_run(run, checkpoint="step-4", batches=3, write=False)
+    assert few.unigram_loss == pytest.approx(
+        sum(-math.log((counts[t] + 0.5) / (len(train) + 0.5 * vocab)) for t in targets[:3 * span])
+        / (3 * span), rel=1e-9)
+    assert "0.500 nats below it" in evals.reference_line(3.5, 4.0, 7.0)
+
+
+def test_the_default_checkpoint_is_the_configs(run: Path, tmp_path: Path) -> None:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["eval"]["checkpoint"] == "latest"  # the tiny scale's choice
+    copy = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(run, copy)
+    config["eval"]["checkpoint"] = "best"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    (copy / "checkpoints" / "best").write_text("step-4")  # make best differ from latest
+    assert evals.evaluate_run(copy, batches=1, write=False).eval_checkpoint == "step-4"
+    assert evals.evaluate_run(copy, "latest", batches=1, write=False).eval_checkpoint == "step-12"
 
 
 def test_any_checkpoint_and_a_batch_count(run: Path, best: evals.EvalResult) -> None:
@@ -113,6 +154,7 @@ def test_greedy_smoke_text_equals_an_independent_greedy_decode(run: Path) -> Non
 def test_sampled_smoke_text_is_reproducible_and_leaves_the_global_rng_alone(run: Path) -> None:
     cfg, model, _ = evals.load_run(run, "best")
     assert (cfg.eval.smoke_top_k, cfg.eval.smoke_temperature, cfg.eval.smoke_tokens) == (25, 1.4, 20)
+    assert cfg.eval.smoke_prompt == "Every effort moves you"  # tests/runs.py sets the series' test
     state = torch.get_rng_state()
     first = evals.smoke_test(model, cfg)
     assert torch.equal(torch.get_rng_state(), state)

@@ -368,3 +368,43 @@ def test_clear_one_line_errors(tmp_path: Path) -> None:
                                                    "context_length": 16}))
     with pytest.raises(DataError, match="context length 16, shorter than the 1024-token windows"):
         evals.evaluate_model(hub.load_model(series), config.resolve_config("gpt2-small-1gpu"))
+
+
+def test_a_fitted_bpe_travels_with_the_run_and_its_published_folder(tmp_path: Path) -> None:
+    """`gptlib prepare --tokenizer bpe-N`, a run on it, its smoke test and its published folder all
+    use that BPE (shipped as tokenizer.json), not GPT-2."""
+    from workbook import train_in_process
+
+    from gptlib.tokenizer import BPETokenizer
+
+    texts = [f"class Handler{i}:\n    def reply(self, request):\n        return request.body\n" * 4
+             for i in range(30)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i:02d}.txt").write_text(text)
+    made = subprocess.run([sys.executable, "-m", "gptlib", "prepare", str(tmp_path), "--out",
+                           str(tmp_path / "ds"), "--tokenizer", "bpe-300", "--validation-fraction", "0.2"],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "tokenizer bpe-300" in made.stdout and "fitting a 300-token BPE" in made.stderr
+    too_small = subprocess.run([sys.executable, "-m", "gptlib", "train", "--run-dir", str(tmp_path / "x"),
+                                "--set", f"train.dataset={tmp_path / 'ds'}", "--set", "model.vocab_size=200"],
+                               capture_output=True, text=True, timeout=120)
+    assert too_small.returncode == 2
+    assert too_small.stderr.strip().endswith("set model.vocab_size >= 300")
+    run = train_in_process(tmp_path / "run", micro(tmp_path / "ds", **{
+        "model.vocab_size": 300, "eval.smoke_prompt": "class Handler", "train.min_train_tokens": 4 * 32}))
+    result = evals.evaluate_run(run, batches=1)
+    tokenizer = BPETokenizer.from_file(tmp_path / "ds" / "tokenizer.json")
+    assert result.smoke_text.startswith("class Handler")
+    _, model, _ = evals.load_run(run)
+    ids = evals.generate(model, torch.tensor([tokenizer.encode("class Handler")]), 20, 25, 1.4,
+                         torch.Generator().manual_seed(123), tokenizer.n_vocab)
+    assert result.smoke_text == tokenizer.decode(ids[0])
+    assert result.uniform_loss == pytest.approx(__import__("math").log(300))
+    folder = hub.publish_run(run, "someone/bpe-micro", dry_run=True)
+    assert (folder / "tokenizer.json").read_bytes() == (tmp_path / "ds" / "tokenizer.json").read_bytes()
+    card = (folder / "README.md").read_text()
+    assert "tokenizer bpe-300 (fitted to the training data; `tokenizer.json` in this repo)" in card
+    assert "tokenizer.encode('class Handler')" in card
+    assert hub.load_tokenizer(folder).encode("return request") == tokenizer.encode("return request")
+    assert hub.load_tokenizer(run).name == "bpe-300"
