@@ -183,7 +183,9 @@ HARNESS_OVERRIDES = {  # big enough that a checkpoint write takes a while to hit
 def reference_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     started = time.time()
-    result = cli("train", "--run-dir", str(run_dir), *set_args(micro(dataset, **HARNESS_OVERRIDES)))
+    # --no-eval here and in the harness: the kills target training, and the weights are compared.
+    result = cli("train", "--run-dir", str(run_dir), "--no-eval",
+                 *set_args(micro(dataset, **HARNESS_OVERRIDES)))
     assert result.returncode == 0, result.stderr
     return run_dir, time.time() - started
 
@@ -196,7 +198,7 @@ def crash_and_recover(trial: int, dataset: Path, run_dir: Path, duration: float)
     events = []
     for attempt in range(rng.randint(1, 2)):
         has_checkpoint = (run_dir / "checkpoints" / "latest").exists()
-        proc = start(run_dir, overrides, *(["--resume", "latest"] if has_checkpoint
+        proc = start(run_dir, overrides, "--no-eval", *(["--resume", "latest"] if has_checkpoint
                                            else ["--overwrite"] if attempt else []))
         if rng.random() < 0.4:  # aim at a checkpoint being written
             deadline = time.time() + duration
@@ -214,7 +216,7 @@ def crash_and_recover(trial: int, dataset: Path, run_dir: Path, duration: float)
             break
     while not completed(run_dir):
         has_checkpoint = (run_dir / "checkpoints" / "latest").exists()
-        result = cli("train", "--run-dir", str(run_dir),
+        result = cli("train", "--run-dir", str(run_dir), "--no-eval",
                      *(["--resume", "latest"] if has_checkpoint else ["--overwrite"]),
                      *set_args(overrides))
         events.append(f"resumed from {'latest' if has_checkpoint else 'scratch'}: rc {result.returncode}")
@@ -231,7 +233,7 @@ def check_identical(reference: Path, run_dir: Path, events: list[str]) -> None:
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), events
 
 
-@pytest.mark.parametrize("trial", range(10))
+@pytest.mark.parametrize("trial", range(5))
 def test_random_kills_then_resume_are_bit_exact(trial: int, dataset: Path, reference_run,
                                                 tmp_path: Path) -> None:
     reference, duration = reference_run
@@ -240,7 +242,7 @@ def test_random_kills_then_resume_are_bit_exact(trial: int, dataset: Path, refer
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(10, 50))
+@pytest.mark.parametrize("trial", range(5, 50))
 def test_random_kills_many_trials(trial: int, dataset: Path, reference_run, tmp_path: Path) -> None:
     reference, duration = reference_run
     events = crash_and_recover(trial, dataset, tmp_path / "run", duration)
