@@ -10,9 +10,9 @@ machine a drift in load then favours neither side. Per precision:
 
 * training: per round `warmup` untimed steps, then `steps` timed steps of one micro-batch each
   (forward, backward, AdamW); tokens/s = the micro-batch's tokens / the median step time. gptlib's
-  step is the training loop's: `train.micro_batch_loss` (`model(inputs, targets)` under the run's
-  autocast: the chunked loss, no logits tensor), the global gradient norm, the non-finite check,
-  `optim.build_optimizer`'s fused AdamW (on CPU too), `zero_grad(set_to_none=True)`, no `.item()`.
+  step is the training loop's own `train.train_step` (the chunked loss under the run's autocast, no
+  logits tensor; the global gradient norm; the non-finite check; `optim.build_optimizer`'s fused
+  AdamW, on CPU too; `zero_grad(set_to_none=True)`; no `.item()`).
 * evaluation (test loss): `eval_batches` timed batches of [eval_batch_size, context] tokens (default
   eval_batch_size = the micro-batch), the same tokens on both sides. gptlib: `eval()`,
   `torch.inference_mode()`, SDPA (or on the CPU in bf16 the blocked attention) and the chunked loss;
@@ -161,7 +161,7 @@ def _batches(cfg: ModelConfig, rows: int, count: int, seed: int) -> torch.Tensor
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The training loop's autocast (it also sets TF32 as the loop does), for both sides."""
-    from gptlib.train import autocast_context
+    from gptlib.device import autocast_context
 
     return autocast_context(precision, device)
 
@@ -174,6 +174,13 @@ def _apply_ablations(ablate: list[str]) -> None:
         model_module.CPU_DROPOUT_ATTENTION = False
     if "fast-dropout" in ablate:
         model_module.CPU_FAST_DROPOUT = False
+
+
+def logits_then_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                     autocast: contextlib.AbstractContextManager) -> torch.Tensor:
+    """The loss without the chunked LM head: full logits, then cross-entropy (`--ablate chunked-loss`)."""
+    with autocast:
+        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
 
 
 def train_worker(spec: dict) -> dict:
@@ -210,34 +217,20 @@ def train_worker(spec: dict) -> dict:
     else:
         from gptlib.config import TrainConfig
         from gptlib.optim import build_optimizer, param_groups
-        from gptlib.train import micro_batch_loss
+        from gptlib.train import micro_batch_loss, train_step
 
         train_cfg = TrainConfig(learning_rate=lr, weight_decay=wd)
         if "fused-adamw" in ablate:
             optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=lr)
         else:  # the training loop's optimizer
             optimizer = build_optimizer(model, train_cfg, device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        chunked_loss = "chunked-loss" not in ablate
         net = torch.compile(model) if spec["compile"] else model
+        loss_fn = micro_batch_loss if "chunked-loss" not in ablate else logits_then_loss
 
         def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            if chunked_loss:  # the training loop's micro-batch loss
-                loss = micro_batch_loss(net, inputs, targets, autocast)
-            else:  # logits, then cross-entropy
-                with autocast:
-                    loss = F.cross_entropy(net(inputs).flatten(0, 1), targets.flatten())
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            elif bool(torch.isfinite(grad_norm) & torch.isfinite(loss)):  # the loop's skip check
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+            """The training loop's own step, one micro-batch."""
+            return train_step(net, optimizer, lambda _: (inputs, targets), 1, autocast, scaler,
+                              loss_fn=loss_fn).loss
 
     rss_ready = rss_mb()
     if device.type == "cuda":
@@ -496,7 +489,7 @@ def resolve_precisions(name: str, device: torch.device) -> list[str]:
 def _bf16_native(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from gptlib.train import cpu_has_bf16
+    from gptlib.device import cpu_has_bf16
 
     return cpu_has_bf16()
 

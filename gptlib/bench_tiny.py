@@ -49,7 +49,7 @@ def run(rounds: int = 3, steps: int = 30, warmup: int = 5, json_path: Path | Non
         verbose: bool = True) -> dict:
     """Measure the three sides (progress on stderr); the JSON-ready result, also written to
     `json_path` when given."""
-    from gptlib.train import cpu_has_bf16
+    from gptlib.device import cpu_has_bf16
 
     tiny = resolve_config("tiny")
     precision = "bf16" if cpu_has_bf16() else "fp32"

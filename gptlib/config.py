@@ -146,6 +146,11 @@ class RunConfig:
             name += f"-tseed{self.train.training_seed}"
         return name
 
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens per optimizer step: micro-batch x context x accumulation steps x ranks."""
+        t = self.train
+        return t.microbatch_size * self.model.context_length * t.gradient_accumulation_steps * world_size
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
         return dataclasses.asdict(self)

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from gptlib import checkpoint as ckpt
+from gptlib import rundir
 from gptlib.config import RunConfig, load_config
 from gptlib.data import BatchReader, DataError, TokenFile, open_tokenizer, resolve_dataset
+from gptlib.device import autocast_context, pick_device, resolve_precision
 from gptlib.model import GPTModel, load_weights
 from gptlib.tokenizer import Tokenizer
-from gptlib.train import autocast_context, pick_device, resolve_precision, write_summary
 
 __all__ = [
     "EvalResult",
@@ -272,7 +273,7 @@ def evaluate_run(
         uniform_loss=uniform,
     )
     if write:
-        write_summary(Path(run_dir), asdict(result))
+        rundir.merge_summary(Path(run_dir), asdict(result))
     return result
 
 

@@ -106,7 +106,7 @@ def largest_microbatch() -> dict[str, Any]:
 def bench(out: Path, cpu: bool, microbatch: int) -> list[dict[str, Any]]:
     """`gptlib bench` per precision x compile; one row per (precision, compile, side)."""
     if cpu:  # one precision keeps the CPU mode short: the tiny scale's (bf16 where native)
-        from gptlib.train import cpu_has_bf16
+        from gptlib.device import cpu_has_bf16
 
         precisions: tuple[str, ...] = ("bf16",) if cpu_has_bf16() else ("fp32",)
     else:

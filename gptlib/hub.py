@@ -39,10 +39,11 @@ from gptlib.config import (
     resolve_config,
 )
 from gptlib.data import DataError, _env_true, open_tokenizer, resolve_dataset
+from gptlib.device import pick_device, resolve_precision
+from gptlib.display import format_duration
 from gptlib.evals import EvalResult, evaluate_model
 from gptlib.model import GPTModel, count_parameters
 from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
-from gptlib.train import format_duration, pick_device, resolve_precision
 
 __all__ = [
     "HubError",

@@ -8,7 +8,6 @@ precision, dataset, token budget, resume target, an existing run), so a bad inpu
 from __future__ import annotations
 
 import fcntl
-import json
 import math
 import os
 import re
@@ -25,17 +24,14 @@ from pathlib import Path
 import torch
 
 from gptlib import checkpoint as ckpt
+from gptlib import rundir
 from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
 from gptlib.data import TokenFile, check_vocab_size, resolve_dataset, token_budget
+from gptlib.device import pick_device, resolve_precision
 from gptlib.model import GPTModel, count_parameters
 from gptlib.paths import OUTPUTS_DIR
-from gptlib.train import pick_device, resolve_precision, write_summary
 
 DEFAULT_OUTPUTS = OUTPUTS_DIR  # <repo>/outputs whatever the current directory
-# Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
-# which papermill may be writing at that moment).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "spikes.json", "summary.json", "checkpoints", "logs",
-             "charts", "publish")
 TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
 LOCK_FILE = ".lock"
@@ -79,7 +75,7 @@ def prepare_run(
     t = cfg.train
     total_steps, _ = token_budget(
         t.min_train_tokens,
-        t.microbatch_size * cfg.model.context_length * t.gradient_accumulation_steps * world_size,
+        cfg.tokens_per_step(world_size),
         len(TokenFile(dataset / "train.safetensors")), t.start_train_token)
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
@@ -98,9 +94,9 @@ def prepare_run(
             raise ConfigError(f"cannot resume {run_dir}: its config.yaml differs in "
                               f"{', '.join(changed)}; resume with the same settings")
         return cfg, run_dir, world_size
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    existing = [name for name in rundir.RUN_FILES if (run_dir / name).exists()]
     if existing and not overwrite:
-        status = _status(run_dir)
+        status = rundir.read_status(run_dir)
         raise ConfigError(
             f"{run_dir} already holds a run (status: {status}); pass --resume latest to continue "
             "it or --overwrite to start again"
@@ -184,13 +180,6 @@ def unlock_run_dir(run_dir: Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _status(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status", "unknown")
-    except (OSError, ValueError):
-        return "no summary"
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -282,7 +271,7 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
         returncode = proc.wait()
     except BaseException:
         _stop(proc)
-        write_summary(run_dir, {"status": "failed", "error": "interrupted"})
+        rundir.merge_summary(run_dir, {"status": "failed", "error": "interrupted"})
         raise
     finally:
         watchdog.cancel()
@@ -294,6 +283,6 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
         error = next((line for line in reversed(tail) if line.startswith("[rank ")), None)
         message = (f"training failed on rank {rank if rank is not None else '?'} "
                    f"(exit code {returncode})" + (f": {error}" if error else ""))
-        write_summary(run_dir, {"status": "failed", "error": message})
+        rundir.merge_summary(run_dir, {"status": "failed", "error": message})
         raise LaunchError(message + "\nlast log lines:\n" + "\n".join(last))
-    return json.loads((run_dir / "summary.json").read_text())
+    return rundir.read_summary(run_dir)

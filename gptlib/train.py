@@ -16,16 +16,16 @@ if __name__ == "__main__":  # before the slow imports below; see gptlib.lifeline
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +33,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import ConfigError, RunConfig, TrainConfig, check_world_size, load_config
+from gptlib import rundir
+from gptlib.config import RunConfig, check_world_size, load_config
 from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset, token_budget
+from gptlib.device import autocast_context, pick_device, resolve_precision, use_compile
 from gptlib.lifeline import hold_writer_lock
 from gptlib.metrics import SpikeDetector, aggregate_period, peak_flops, read_metrics
 from gptlib.model import GPTModel, count_parameters, flops_per_token
@@ -45,98 +47,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. too many consecutive non-finite steps)."""
 
 
-# --------------------------------------------------------------------------- device and precision
-
-
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is available; allowed: auto, cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmul support (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn `auto` into bf16 or fp32 for this device; refuse bf16 where the GPU cannot do it."""
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-    else:
-        bf16_ok = cpu_has_bf16()
-    if precision == "auto":
-        return "bf16" if bf16_ok else "fp32"
-    if precision == "bf16" and device.type == "cuda" and not bf16_ok:
-        raise ConfigError(
-            f"train.precision=bf16 is not supported by {torch.cuda.get_device_name(device)}; "
-            "allowed here: fp16, fp32"
-        )
-    return precision
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for fp16/bf16 (TF32 allowed), nothing for fp32 (TF32 off)."""
-    tf32 = precision != "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.compile if cfg.compile is not None else device.type == "cuda"
-
-
-# --------------------------------------------------------------------------- run records
-
-
-def versions() -> dict:
-    import tiktoken
-
-    from gptlib import __version__
-
-    return {
-        "gptlib": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "tiktoken": tiktoken.__version__,
-        "cuda": torch.version.cuda,
-    }
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def write_summary(run_dir: Path, summary: dict) -> None:
-    path = run_dir / "summary.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    ckpt.write_text_atomic(path, json.dumps({**previous, **summary}, indent=2) + "\n")
-
-
-def end_of_run_lines(summary: dict) -> list[str]:
-    """The series' closing lines."""
-    return [
-        f"Training complete in {summary['wall_time_s']:.2f} seconds",
-        f"Tokens seen: {summary['tokens_seen']:,}",
-        f"Throughput: {summary['tokens_per_s']:,.0f} tokens/second",
-        f"Final train loss: {summary['final_train_loss']:.3f}",
-    ]
-
-
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity; a non-finite value is recorded as null."""
     return value if math.isfinite(value) else None
@@ -144,9 +54,6 @@ def finite_or_none(value: float) -> float | None:
 
 def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
-
-
-# --------------------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -165,17 +72,17 @@ class RankContext:
             print(message, flush=True)
 
 
-@dataclass
-class RunState:
-    """What the loop carries across steps and stores in each checkpoint's meta.json."""
+# --------------------------------------------------------------------------- one optimizer step
 
-    best_loss: float | None = None
-    best_step: int | None = None
-    skipped_total: int = 0
-    wall_time_s: float = 0.0
-    final_train_loss: float | None = None
-    pending: list = field(default_factory=list)  # per-step device tensors not yet reduced
-    period: list = field(default_factory=list)  # host records of the current period
+
+@dataclass
+class StepStats:
+    """One optimizer step, as device tensors (read on the host only at a flush)."""
+
+    loss: torch.Tensor  # mean over the step's micro-batches
+    grad_norm: torch.Tensor  # before clipping
+    clipped: torch.Tensor  # 1.0 when clipping scaled the gradients down
+    skipped: bool  # a non-finite gradient or loss: no update
 
 
 def micro_batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -186,14 +93,228 @@ def micro_batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torc
         return model(inputs, targets)
 
 
-def gather_rng_states(device: torch.device) -> dict[str, list[torch.Tensor]]:
-    """RNG states of every rank (a collective call), for exact resume."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return {kind: [states[kind] for states in everyone] for kind in mine}
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    accumulation: int,
+    autocast: contextlib.AbstractContextManager,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_norm: float | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+) -> StepStats:
+    """Accumulate `accumulation` micro-batches (`micro_batch(i)`), unscale, measure the gradient
+    norm, clip, then step, or skip when a gradient is not finite. (`loss_fn` is for the bench's
+    ablation; training always uses `micro_batch_loss`.)"""
+    loss_fn = loss_fn or micro_batch_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), device=params[0].device)
+    for accum in range(accumulation):
+        inputs, targets = micro_batch(accum)
+        # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+        last = accum == accumulation - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            loss = loss_fn(model, inputs, targets, autocast)
+            scaled = loss / accumulation
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach()
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    clipped = torch.zeros((), device=loss_sum.device)
+    if clip_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip_norm, grad_norm)
+        clipped = (grad_norm > clip_norm).float()
+    if scaler is not None:
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # skips the update itself when a gradient is not finite
+        scaler.update()
+        skipped = scaler.get_scale() < scale_before
+    else:
+        skipped = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
+        if not skipped:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss_sum / accumulation, grad_norm.float(), clipped, skipped)
+
+
+# --------------------------------------------------------------------------- what the loop carries
+
+
+@dataclass
+class RunState:
+    """The counters a run carries across steps; stored in, and restored from, each checkpoint."""
+
+    best_loss: float | None = None
+    best_step: int | None = None
+    skipped_total: int = 0
+    wall_time_s: float = 0.0  # before this session
+    final_train_loss: float | None = None
+    consecutive_skips: int = 0  # not stored: a resume starts counting again
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> RunState:
+        return cls(best_loss=meta["best_loss"], best_step=meta["best_step"],
+                   skipped_total=meta["skipped_total"], wall_time_s=meta["wall_time_s"],
+                   final_train_loss=meta["period"]["loss_avg"])
+
+    def to_meta(self, elapsed_s: float) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step,
+                "skipped_total": self.skipped_total, "wall_time_s": self.wall_time_s + elapsed_s}
+
+    def count(self, stats: StepStats, step: int, lr: float, max_nonfinite: int) -> None:
+        """Count a skipped step; too many in a row end the run."""
+        if not stats.skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= max_nonfinite:
+            raise TrainingError(
+                f"{self.consecutive_skips} consecutive non-finite steps (last: step {step}, lr "
+                f"{lr:.2e}); the run cannot recover - lower train.learning_rate, enable "
+                "train.clipping_max_norm, or resume from an earlier checkpoint"
+            )
+
+    def end_period(self, period: dict, steps_done: int) -> bool:
+        """Take a checkpoint period's aggregates; True when its loss is the best so far."""
+        loss = period["loss_avg"]
+        if loss is not None:
+            self.final_train_loss = loss
+        is_best = loss is not None and (self.best_loss is None or loss < self.best_loss)
+        if is_best:
+            self.best_loss, self.best_step = loss, steps_done
+        return is_best
+
+
+class MetricsLog:
+    """metrics.jsonl and spikes.json (written by rank 0). Each step's values stay on the device until
+    `flush` reduces them over the ranks in one all-reduce, so the loop never waits on the host."""
+
+    def __init__(self, run_dir: Path, ctx: RankContext, tokens_per_step: int, detector: SpikeDetector,
+                 windows: Callable[[int], dict[str, list[int]]], start_step: int, resume: bool):
+        self.ctx, self.tokens_per_step, self.detector, self.windows = ctx, tokens_per_step, detector, windows
+        self.metrics_path, self.spikes_path = run_dir / rundir.METRICS, run_dir / rundir.SPIKES
+        self.pending: list[tuple[StepStats, float]] = []
+        self.period: list[dict] = []  # records of the current checkpoint period (rank 0)
+        self.spikes: list[dict] = []
+        self.file = None
+        self.last_loss = math.nan  # the newest step's loss, unrounded, for the progress line
+        if ctx.rank == 0:
+            # Steps after the checkpoint we resume from are recomputed; drop their records.
+            kept = [r for r in read_metrics(self.metrics_path) if r["step"] < start_step]
+            ckpt.write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            for r in kept:
+                if not r["skipped"]:
+                    detector.update(r["loss"])
+            if self.spikes_path.exists() and resume:
+                self.spikes = [s for s in json.loads(self.spikes_path.read_text())
+                               if s["step"] < start_step]
+            self.file = open(self.metrics_path, "a")
+        self.last_flush_time, self.last_flush_step = time.perf_counter(), start_step
+
+    def start_clock(self) -> float:
+        """Time the first flush's tokens/s from now (after the set-up); returns the time."""
+        self.last_flush_time = time.perf_counter()
+        return self.last_flush_time
+
+    def add(self, stats: StepStats, lr: float) -> None:
+        self.pending.append((stats, lr))
+
+    def flush(self, step: int) -> dict | None:
+        """Reduce the pending steps over ranks; rank 0 writes them and returns the last record."""
+        values = torch.stack([torch.stack([s.loss, s.grad_norm, s.clipped]) for s, _ in self.pending])
+        host = [(lr, s.skipped) for s, lr in self.pending]
+        self.pending.clear()
+        dist.all_reduce(values)
+        rows = (values / self.ctx.world_size).tolist()
+        now = time.perf_counter()
+        tokens_per_s = ((step + 1 - self.last_flush_step) * self.tokens_per_step
+                        / (now - self.last_flush_time))
+        first = self.last_flush_step
+        self.last_flush_time, self.last_flush_step = now, step + 1
+        self.last_loss = rows[-1][0]
+        if self.file is None:
+            return None
+        for offset, ((loss, grad_norm, clipped), (lr, skipped)) in enumerate(zip(rows, host, strict=True)):
+            record = {"step": first + offset, "tokens": (first + offset + 1) * self.tokens_per_step,
+                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
+                      "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
+            self.file.write(json.dumps(record) + "\n")
+            self.period.append(record)
+            if not skipped:
+                self._check_spike(record, loss, grad_norm)
+        self.file.flush()
+        ckpt.write_text_atomic(self.spikes_path, json.dumps(self.spikes, indent=1))
+        return record
+
+    def _check_spike(self, record: dict, loss: float, grad_norm: float) -> None:
+        is_spike, level = self.detector.update(loss)
+        if is_spike:
+            self.spikes.append({
+                "step": record["step"], "loss": loss, "level": level, "grad_norm": grad_norm,
+                "lr": record["lr"], "clipped": record["clipped"], "skipped": False,
+                "windows": self.windows(record["step"]),
+            })
+
+    def take_period(self) -> dict:
+        """The aggregates of the checkpoint period that just ended (rank 0)."""
+        period = aggregate_period(self.period)
+        self.period.clear()
+        return period
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class Checkpointer:
+    """When to checkpoint, and the checkpoint itself: every rank's RNG state, weights, optimizer,
+    pointers (latest, best) and pruning down to `train.keep_checkpoints`."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, ctx: RankContext, precision: str):
+        self.run_dir, self.cfg, self.ctx, self.precision = run_dir, cfg, ctx, precision
+        if ctx.rank == 0:
+            ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
+
+    def is_due(self, steps_done: int, total_steps: int) -> bool:
+        return steps_done % self.cfg.train.checkpoint_interval == 0 or steps_done == total_steps
+
+    def gather_rng_states(self) -> dict[str, list[torch.Tensor]]:
+        """RNG states of every rank (a collective call), for exact resume."""
+        mine = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return {kind: [states[kind] for states in everyone] for kind in mine}
+
+    def save(self, steps_done: int, model: GPTModel, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler | None, log: MetricsLog, state: RunState,
+             elapsed_s: float) -> None:
+        rng = self.gather_rng_states()
+        if self.ctx.rank != 0:
+            return
+        period = log.take_period()
+        is_best = state.end_period(period, steps_done)
+        stored = state.to_meta(elapsed_s)
+        meta = {"tokens_seen": steps_done * log.tokens_per_step, "period": period,
+                "best_loss": stored["best_loss"], "best_step": stored["best_step"],
+                "skipped_total": stored["skipped_total"], "world_size": self.ctx.world_size,
+                "wall_time_s": stored["wall_time_s"], "run_name": self.cfg.run_name,
+                "precision": self.precision}
+        path = ckpt.save_checkpoint(self.run_dir, steps_done, model, optimizer, scaler, rng, meta,
+                                    is_best)
+        if self.cfg.train.keep_checkpoints > 0:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self.ctx.log(f"checkpoint {path.name}: period loss avg {period['loss_avg']:.4f} "
+                     f"(min {period['loss_min']:.4f}, max {period['loss_max']:.4f})"
+                     + (" - best so far" if is_best else ""))
+
+
+# --------------------------------------------------------------------------- the loop
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -> dict | None:
@@ -202,13 +323,11 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     check_world_size(cfg, ctx.world_size)
     precision = resolve_precision(t.precision, ctx.device)
     autocast = autocast_context(precision, ctx.device)
-
+    ga, tokens_per_step = t.gradient_accumulation_steps, cfg.tokens_per_step(ctx.world_size)
     train_tokens = TokenFile(resolve_dataset(t.dataset) / "train.safetensors")
-    ga = t.gradient_accumulation_steps
     reader = BatchReader(train_tokens, t.microbatch_size, cfg.model.context_length, ga,
                          ctx.world_size, t.start_train_token, pin_memory=ctx.device.type == "cuda")
-    global_batch_tokens = t.microbatch_size * cfg.model.context_length * ga * ctx.world_size
-    total_steps, _ = token_budget(t.min_train_tokens, global_batch_tokens, len(train_tokens),
+    total_steps, _ = token_budget(t.min_train_tokens, tokens_per_step, len(train_tokens),
                                   t.start_train_token)
 
     torch.manual_seed(t.random_seed)  # as the series: seed, then build the model
@@ -218,205 +337,104 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     raw_model.to(ctx.device)
     optimizer = build_optimizer(raw_model, t, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type) if precision == "fp16" else None
-
-    state = RunState()
-    start_step = 0
+    state, start_step, rng = RunState(), 0, None
     if resume:
-        path = ckpt.resolve_checkpoint(run_dir, resume)
-        meta, rng = ckpt.load_checkpoint(path, raw_model, optimizer, scaler, ctx.device)
-        if meta["world_size"] != ctx.world_size:
-            raise TrainingError(f"checkpoint {path.name} was written by {meta['world_size']} "
-                                f"processes; resume it with --nproc {meta['world_size']}")
-        start_step = meta["step"]
-        state.best_loss, state.best_step = meta["best_loss"], meta["best_step"]
-        state.skipped_total, state.wall_time_s = meta["skipped_total"], meta["wall_time_s"]
-        state.final_train_loss = meta["period"]["loss_avg"]
-
-    model: torch.nn.Module = raw_model
-    if use_compile(t, ctx.device):
-        model = torch.compile(model)
+        state, start_step, rng = restore(run_dir, resume, raw_model, optimizer, scaler, ctx)
+    model = torch.compile(raw_model) if use_compile(t, ctx.device) else raw_model
     # Gradients as views into DDP's all-reduce buckets: one gradient-sized buffer fewer per rank.
     model = DistributedDataParallel(
         model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
         gradient_as_bucket_view=True,
     )
-    params = [p for p in raw_model.parameters() if p.requires_grad]
 
+    checkpointer = Checkpointer(run_dir, cfg, ctx, precision)
+    windows = lambda s: {str(r): [w for a in range(ga) for w in reader.window_indices(s, a, r)]  # noqa: E731
+                         for r in range(ctx.world_size)}
+    log = MetricsLog(run_dir, ctx, tokens_per_step, SpikeDetector(t.spike_window, t.spike_threshold),
+                     windows, start_step, bool(resume))
     if ctx.rank == 0:
-        ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
-    metrics_path = run_dir / "metrics.jsonl"
-    spikes_path = run_dir / "spikes.json"
-    detector = SpikeDetector(t.spike_window, t.spike_threshold)
-    spikes: list[dict] = []
-    if ctx.rank == 0:
-        # Steps after the checkpoint we resume from are recomputed; drop their records.
-        kept = [r for r in read_metrics(metrics_path) if r["step"] < start_step]
-        ckpt.write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        for r in kept:
-            if not r["skipped"]:
-                detector.update(r["loss"])
-        if spikes_path.exists() and resume:
-            spikes = [s for s in json.loads(spikes_path.read_text()) if s["step"] < start_step]
-        write_summary(run_dir, {"status": "running", "error": None, "run_name": cfg.run_name,
-                                "scale": cfg.scale, "interventions": cfg.interventions,
-                                "world_size": ctx.world_size, "device": str(ctx.device),
-                                "precision": precision, "total_steps": total_steps,
-                                "tokenizer": open_tokenizer(t.dataset).name})
+        rundir.merge_summary(run_dir, {
+            "status": "running", "error": None, "run_name": cfg.run_name, "scale": cfg.scale,
+            "interventions": cfg.interventions, "world_size": ctx.world_size, "device": str(ctx.device),
+            "precision": precision, "total_steps": total_steps,
+            "tokenizer": open_tokenizer(t.dataset).name})
         ctx.log(f"Run {cfg.scale}/{cfg.run_name}: {count_parameters(raw_model):,} parameters, "
                 f"{ctx.world_size} x {ctx.device.type}, {precision}, {total_steps:,} steps of "
-                f"{global_batch_tokens:,} tokens"
+                f"{tokens_per_step:,} tokens"
                 + (f", resuming after step {start_step:,}" if start_step else ""))
-    metrics_file = open(metrics_path, "a") if ctx.rank == 0 else None
     peak = peak_flops(ctx.device, precision) if ctx.rank == 0 else None
-    tokens_seen_at_start = start_step * global_batch_tokens
-    session_start = time.perf_counter()
-    last_flush_time, last_flush_step = session_start, start_step
+    session_start = log.start_clock()
 
-    def flush(step: int) -> None:
-        """Reduce the pending per-step values over ranks and (rank 0) write their records."""
-        nonlocal last_flush_time, last_flush_step
-        stats = torch.stack([values for values, _, _ in state.pending])  # loss, norm, clipped
-        host = [(lr, skipped) for _, lr, skipped in state.pending]
-        state.pending.clear()
-        dist.all_reduce(stats)
-        stats = [row + [lr, skipped]
-                 for row, (lr, skipped) in zip((stats / ctx.world_size).tolist(), host, strict=True)]
-        now = time.perf_counter()
-        tokens_per_s = (step + 1 - last_flush_step) * global_batch_tokens / (now - last_flush_time)
-        first = last_flush_step
-        last_flush_time, last_flush_step = now, step + 1
-        if metrics_file is None:
-            return
-        for offset, (loss, grad_norm, clipped, lr, skipped) in enumerate(stats):
-            s = first + offset
-            record = {"step": s, "tokens": (s + 1) * global_batch_tokens,
-                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
-                      "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
-            metrics_file.write(json.dumps(record) + "\n")
-            state.period.append(record)
-            if not record["skipped"]:
-                is_spike, level = detector.update(loss)
-                if is_spike:
-                    spikes.append({
-                        "step": s, "loss": loss, "level": level, "grad_norm": grad_norm,
-                        "lr": lr, "clipped": record["clipped"], "skipped": False,
-                        "windows": {str(r): [w for a in range(ga)
-                                             for w in reader.window_indices(s, a, r)]
-                                    for r in range(ctx.world_size)},
-                    })
-        metrics_file.flush()
-        ckpt.write_text_atomic(spikes_path, json.dumps(spikes, indent=1))
-        elapsed = state.wall_time_s + now - session_start
-        eta = (total_steps - step - 1) * (now - session_start) / max(1, step + 1 - start_step)
-        ctx.log(f"step {step + 1:,}/{total_steps:,} | loss {stats[-1][0]:.4f} | "
-                f"lr {stats[-1][3]:.2e} | {tokens_per_s:,.0f} tok/s | "
-                f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
+    def micro_batch(step: int, accum: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = reader.get(step, accum, ctx.rank)
+        return inputs.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
 
-    def save(step: int) -> None:
-        rng = gather_rng_states(ctx.device)
-        if ctx.rank != 0:
-            return
-        period = aggregate_period(state.period)
-        state.period.clear()
-        if period["loss_avg"] is not None:
-            state.final_train_loss = period["loss_avg"]
-        is_best = period["loss_avg"] is not None and (
-            state.best_loss is None or period["loss_avg"] < state.best_loss)
-        if is_best:
-            state.best_loss, state.best_step = period["loss_avg"], step + 1
-        meta = {"tokens_seen": (step + 1) * global_batch_tokens, "period": period,
-                "best_loss": state.best_loss, "best_step": state.best_step,
-                "skipped_total": state.skipped_total, "world_size": ctx.world_size,
-                "wall_time_s": state.wall_time_s + time.perf_counter() - session_start,
-                "run_name": cfg.run_name, "precision": precision}
-        path = ckpt.save_checkpoint(run_dir, step + 1, raw_model, optimizer, scaler, rng, meta,
-                                    is_best)
-        if t.keep_checkpoints > 0:
-            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
-        ctx.log(f"checkpoint {path.name}: period loss avg {period['loss_avg']:.4f} "
-                f"(min {period['loss_min']:.4f}, max {period['loss_max']:.4f})"
-                + (" - best so far" if is_best else ""))
-
-    if resume:  # restored last, so nothing above can consume the dropout RNG stream
+    if rng is not None:  # restored last, so nothing above can consume the dropout RNG stream
         torch.set_rng_state(rng["cpu"][ctx.rank])
         if ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"][ctx.rank], ctx.device)
-    consecutive_skips = 0
     for step in range(start_step, total_steps):
         lr = lr_at(step, t, total_steps)
         set_lr(optimizer, lr)
-        loss_sum = torch.zeros((), device=ctx.device)
-        for accum in range(ga):
-            inputs, targets = reader.get(step, accum, ctx.rank)
-            inputs = inputs.to(ctx.device, non_blocking=True)
-            targets = targets.to(ctx.device, non_blocking=True)
-            # Gradients are all-reduced only on the last micro-batch of the step.
-            sync = model.no_sync() if accum < ga - 1 else contextlib.nullcontext()
-            with sync:
-                loss = micro_batch_loss(model, inputs, targets, autocast)
-                scaled = loss / ga
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += loss.detach()
-
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        clipped = torch.zeros((), device=ctx.device)
-        if t.clipping_max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, t.clipping_max_norm, grad_norm)
-            clipped = (grad_norm > t.clipping_max_norm).float()
-        if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)  # skips the update itself when a gradient is not finite
-            scaler.update()
-            skipped = scaler.get_scale() < scale_before
-        else:
-            skipped = not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
-            if not skipped:
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        if skipped:
-            state.skipped_total += 1
-            consecutive_skips += 1
-            if consecutive_skips >= t.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{consecutive_skips} consecutive non-finite steps (last: step {step}, lr "
-                    f"{lr:.2e}); the run cannot recover - lower train.learning_rate, enable "
-                    "train.clipping_max_norm, or resume from an earlier checkpoint"
-                )
-        else:
-            consecutive_skips = 0
-        state.pending.append((torch.stack([loss_sum / ga, grad_norm.float(), clipped]), lr, skipped))
-
-        at_checkpoint = (step + 1) % t.checkpoint_interval == 0 or step + 1 == total_steps
+        stats = train_step(model, optimizer, functools.partial(micro_batch, step), ga, autocast, scaler,
+                           t.clipping_max_norm)
+        state.count(stats, step, lr, t.max_nonfinite_steps)
+        log.add(stats, lr)
+        at_checkpoint = checkpointer.is_due(step + 1, total_steps)
         if at_checkpoint or (step + 1) % t.log_interval == 0:
-            flush(step)
+            record = log.flush(step)
+            if record is not None:
+                ctx.log(progress_line(step, total_steps, log.last_loss, record, state, session_start,
+                                      start_step))
         if at_checkpoint:
-            save(step)
-
-    if metrics_file is not None:
-        metrics_file.close()
+            elapsed = time.perf_counter() - session_start
+            checkpointer.save(step + 1, raw_model, optimizer, scaler, log, state, elapsed)
+    log.close()
     if ctx.rank != 0:
         return None
-    session_time = time.perf_counter() - session_start
-    wall = state.wall_time_s + session_time
-    tokens_seen = total_steps * global_batch_tokens
-    tokens_per_s = (tokens_seen - tokens_seen_at_start) / session_time
-    summary = {
-        "status": "completed", "wall_time_s": wall, "tokens_seen": tokens_seen,
-        "tokens_per_s": tokens_per_s,
-        "mfu": (tokens_per_s * flops_per_token(cfg.model) / (peak * ctx.world_size)
-                if peak else None),
-        "final_train_loss": state.final_train_loss, "best_step": state.best_step,
-        "best_loss": state.best_loss, "skipped_steps": state.skipped_total,
-        "spike_count": len(spikes), "versions": versions(), "git_commit": git_commit(),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_summary(run_dir, summary)
-    for line in end_of_run_lines(summary):
+    summary = final_summary(cfg, state, total_steps * tokens_per_step, start_step * tokens_per_step,
+                            time.perf_counter() - session_start, peak, ctx.world_size, len(log.spikes))
+    rundir.merge_summary(run_dir, summary)
+    for line in rundir.end_of_run_lines(summary):
         ctx.log(line)
     return summary
+
+
+def restore(run_dir: Path, which: str, model: GPTModel, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, ctx: RankContext) -> tuple[RunState, int, dict]:
+    """Load checkpoint `which` into the model, optimizer and scaler; returns the run state, the
+    steps it had done and every rank's RNG states (set just before the first step)."""
+    path = ckpt.resolve_checkpoint(run_dir, which)
+    meta, rng = ckpt.load_checkpoint(path, model, optimizer, scaler, ctx.device)
+    if meta["world_size"] != ctx.world_size:
+        raise TrainingError(f"checkpoint {path.name} was written by {meta['world_size']} "
+                            f"processes; resume it with --nproc {meta['world_size']}")
+    return RunState.from_meta(meta), meta["step"], rng
+
+
+def progress_line(step: int, total_steps: int, loss: float, record: dict, state: RunState,
+                  session_start: float, start_step: int) -> str:
+    now = time.perf_counter()
+    elapsed = state.wall_time_s + now - session_start
+    eta = (total_steps - step - 1) * (now - session_start) / max(1, step + 1 - start_step)
+    return (f"step {step + 1:,}/{total_steps:,} | loss {loss:.4f} | "
+            f"lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}")
+
+
+def final_summary(cfg: RunConfig, state: RunState, tokens_seen: int, tokens_at_start: int,
+                  session_s: float, peak: float | None, world_size: int, spike_count: int) -> dict:
+    """What summary.json records when the run completes."""
+    tokens_per_s = (tokens_seen - tokens_at_start) / session_s
+    return {
+        "status": "completed", "wall_time_s": state.wall_time_s + session_s, "tokens_seen": tokens_seen,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops_per_token(cfg.model) / (peak * world_size) if peak else None,
+        "final_train_loss": state.final_train_loss, "best_step": state.best_step,
+        "best_loss": state.best_loss, "skipped_steps": state.skipped_total,
+        "spike_count": spike_count, "versions": rundir.versions(), "git_commit": rundir.git_commit(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # --------------------------------------------------------------------------- entry point

@@ -16,7 +16,7 @@ def test_gpu_check_cpu_mode_runs_every_step(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     result = json.loads((out / "gpu-check.json").read_text())
     assert result["passed"] and result["machine"]["mode"] == "cpu"
-    from gptlib.train import cpu_has_bf16
+    from gptlib.device import cpu_has_bf16
 
     precision = "bf16" if cpu_has_bf16() else "fp32"
     assert {(row["precision"], row["side"]) for row in result["bench"]} == {

@@ -22,8 +22,8 @@ from safetensors.numpy import save_file
 from gptlib import checkpoint as ckpt
 from gptlib import launch
 from gptlib.config import ConfigError
+from gptlib.device import resolve_precision
 from gptlib.metrics import read_metrics
-from gptlib.train import resolve_precision
 
 # ------------------------------------------------------------------------------- bad input
 

@@ -19,11 +19,12 @@ from runs import cli, final_weights, micro, set_args
 
 from gptlib import checkpoint as ckpt
 from gptlib.config import ModelConfig, TrainConfig
+from gptlib.device import autocast_context
 from gptlib.launch import prepare_run
 from gptlib.metrics import read_metrics
 from gptlib.model import GPTModel
 from gptlib.optim import build_optimizer, param_groups
-from gptlib.train import RankContext, TrainingError, autocast_context, train
+from gptlib.train import RankContext, TrainingError, train
 
 
 @pytest.fixture

@@ -1,0 +1,98 @@
+"""A run directory's files, and the one place that reads and writes them.
+
+    RUN_DIR/config.yaml      the resolved configuration
+    RUN_DIR/metrics.jsonl    one record per optimizer step (rank 0)
+    RUN_DIR/spikes.json      the loss spikes found so far
+    RUN_DIR/summary.json     status, end-of-run figures and evaluations, merged key by key
+    RUN_DIR/checkpoints/     see gptlib.checkpoint
+    RUN_DIR/logs/rank-N.log  every line a rank logged, tracebacks included
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from gptlib.checkpoint import write_text_atomic
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SPIKES = "spikes.json"
+SUMMARY = "summary.json"
+# Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
+# which papermill may be writing at that moment).
+RUN_FILES = (CONFIG, METRICS, SPIKES, SUMMARY, "checkpoints", "logs", "charts", "publish")
+
+
+def read_json(path: str | Path, default: object = None) -> object:
+    """The JSON in `path`, or `default` when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    """A run's summary.json ({} when it has none or it cannot be read)."""
+    summary = read_json(Path(run_dir) / SUMMARY, {})
+    return summary if isinstance(summary, dict) else {}
+
+
+def merge_summary(run_dir: str | Path, values: dict) -> None:
+    """Write `values` into summary.json, keeping the keys it already holds (atomic)."""
+    path = Path(run_dir) / SUMMARY
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    write_text_atomic(path, json.dumps({**previous, **values}, indent=2) + "\n")
+
+
+def read_status(run_dir: str | Path) -> str:
+    """summary.json's status, or "no summary"."""
+    path = Path(run_dir) / SUMMARY
+    summary = read_json(path) if path.exists() else None
+    return summary.get("status", "unknown") if isinstance(summary, dict) else "no summary"
+
+
+def read_spikes(run_dir: str | Path) -> list[dict]:
+    spikes = read_json(Path(run_dir) / SPIKES, [])
+    return spikes if isinstance(spikes, list) else []
+
+
+def versions() -> dict:
+    """The library versions a run records in its summary."""
+    import tiktoken
+
+    from gptlib import __version__
+
+    return {
+        "gptlib": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tiktoken": tiktoken.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the gptlib checkout that trained, when it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def end_of_run_lines(summary: dict) -> list[str]:
+    """The series' closing lines."""
+    return [
+        f"Training complete in {summary['wall_time_s']:.2f} seconds",
+        f"Tokens seen: {summary['tokens_seen']:,}",
+        f"Throughput: {summary['tokens_per_s']:,.0f} tokens/second",
+        f"Final train loss: {summary['final_train_loss']:.3f}",
+    ]
