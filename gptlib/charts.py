@@ -9,7 +9,6 @@ loop uses for each checkpoint's ``meta.json``, so the bands equal the stored agg
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import plotly.graph_objects as go
 
 from gptlib.config import RunConfig, load_config
 from gptlib.metrics import periods, read_metrics
+from gptlib.rundir import read_spikes, read_summary
 
 __all__ = [
     "RunData",
@@ -64,13 +64,6 @@ class RunData:
         return min(scored, key=lambda p: p["loss_avg"]) if scored else None
 
 
-def _read_json(path: Path, default: object) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
-
-
 def load_run_data(run_dir: str | Path) -> RunData:
     """Read everything the charts need from a run directory."""
     run_dir = Path(run_dir)
@@ -81,8 +74,8 @@ def load_run_data(run_dir: str | Path) -> RunData:
         cfg=cfg,
         records=records,
         periods=periods(records, cfg.train.checkpoint_interval),
-        spikes=list(_read_json(run_dir / "spikes.json", [])),  # type: ignore[arg-type]
-        summary=dict(_read_json(run_dir / "summary.json", {})),  # type: ignore[arg-type]
+        spikes=read_spikes(run_dir),
+        summary=read_summary(run_dir),
     )
 
 

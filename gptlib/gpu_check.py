@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptlib import rundir
+
 GPT2_CONTEXT = 1024
 MICROBATCH_CANDIDATES = (64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
 MEMORY_HEADROOM = 0.9  # a micro-batch "fits" when one step peaks below 90% of the device memory
@@ -209,7 +211,7 @@ def resume_identity(out: Path, cpu: bool, microbatch: int, steps: int, compiled:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = latest.read_text().strip() if latest.exists() else None
-    mid_run = json.loads((killed / "summary.json").read_text()).get("status") == "running"
+    mid_run = rundir.read_status(killed) == "running"
     resumed = _run(_train_args(killed, overrides) + ["--resume", "latest"], timeout=900)
     if resumed.returncode != 0:
         return {"compile": compiled, "killed_at": killed_at,
@@ -232,7 +234,7 @@ def two_ranks(out: Path, cpu: bool, microbatch: int, dataset: Path) -> dict[str,
     if done.returncode != 0:
         return {"backend": "gloo" if cpu else "nccl",
                 "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = rundir.read_summary(run_dir)
     return {"backend": "gloo" if cpu else "nccl", "world_size": summary["world_size"],
             "tokens_per_s": summary["tokens_per_s"], "status": summary["status"]}
 

@@ -1,4 +1,5 @@
-"""Per-step records, checkpoint-period aggregates, loss-spike detection and hardware peaks.
+"""Per-step records (metrics.jsonl, spikes.json), checkpoint-period aggregates, loss-spike detection
+and hardware peaks.
 
 The training loop and the charts share these functions, so a chart computed from `metrics.jsonl`
 shows exactly the aggregates the loop stored in each checkpoint's `meta.json`.
@@ -7,13 +8,19 @@ shows exactly the aggregates the loop stored in each checkpoint's `meta.json`.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from gptlib.checkpoint import write_text_atomic
+from gptlib.rundir import METRICS, SPIKES
 
 # Dense peak FLOP/s per device for 16-bit (fp16/bf16) tensor-core math and for fp32 (TF32 off).
 # Sources: NVIDIA A100, H100 SXM, H200 and RTX 3090 data sheets.
@@ -90,6 +97,104 @@ class SpikeDetector:
         is_spike = loss > level + self.threshold * max(mad, 1e-3 * abs(level), 1e-8)
         self.history.append(loss)
         return is_spike, level
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity; a non-finite value is recorded as null."""
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, as device tensors (read on the host only at a flush)."""
+
+    loss: torch.Tensor  # mean over the step's micro-batches
+    grad_norm: torch.Tensor  # before clipping
+    clipped: torch.Tensor  # 1.0 when clipping scaled the gradients down
+    skipped: bool  # a non-finite gradient or loss: no update
+
+
+class MetricsLog:
+    """metrics.jsonl and spikes.json (written by rank 0). Each step's values stay on the device until
+    `flush` reduces them over the ranks in one all-reduce, so the loop never waits on the host."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, tokens_per_step: int,
+                 detector: SpikeDetector, windows: Callable[[int], dict[str, list[int]]],
+                 start_step: int, resume: bool):
+        self.world_size, self.tokens_per_step, self.detector, self.windows = (
+            world_size, tokens_per_step, detector, windows)
+        self.metrics_path, self.spikes_path = run_dir / METRICS, run_dir / SPIKES
+        self.pending: list[tuple[StepStats, float]] = []
+        self.period: list[dict] = []  # records of the current checkpoint period (rank 0)
+        self.spikes: list[dict] = []
+        self.file = None
+        self.last_loss = math.nan  # the newest step's loss, unrounded, for the progress line
+        if rank == 0:
+            # Steps after the checkpoint we resume from are recomputed; drop their records.
+            kept = [r for r in read_metrics(self.metrics_path) if r["step"] < start_step]
+            write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            for r in kept:
+                if not r["skipped"]:
+                    detector.update(r["loss"])
+            if self.spikes_path.exists() and resume:
+                self.spikes = [s for s in json.loads(self.spikes_path.read_text())
+                               if s["step"] < start_step]
+            self.file = open(self.metrics_path, "a")
+        self.last_flush_time, self.last_flush_step = time.perf_counter(), start_step
+
+    def start_clock(self) -> float:
+        """Time the first flush's tokens/s from now (after the set-up); returns the time."""
+        self.last_flush_time = time.perf_counter()
+        return self.last_flush_time
+
+    def add(self, stats: StepStats, lr: float) -> None:
+        self.pending.append((stats, lr))
+
+    def flush(self, step: int) -> dict | None:
+        """Reduce the pending steps over ranks; rank 0 writes them and returns the last record."""
+        values = torch.stack([torch.stack([s.loss, s.grad_norm, s.clipped]) for s, _ in self.pending])
+        host = [(lr, s.skipped) for s, lr in self.pending]
+        self.pending.clear()
+        dist.all_reduce(values)
+        rows = (values / self.world_size).tolist()
+        now = time.perf_counter()
+        tokens_per_s = ((step + 1 - self.last_flush_step) * self.tokens_per_step
+                        / (now - self.last_flush_time))
+        first = self.last_flush_step
+        self.last_flush_time, self.last_flush_step = now, step + 1
+        self.last_loss = rows[-1][0]
+        if self.file is None:
+            return None
+        for offset, ((loss, grad_norm, clipped), (lr, skipped)) in enumerate(zip(rows, host, strict=True)):
+            record = {"step": first + offset, "tokens": (first + offset + 1) * self.tokens_per_step,
+                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
+                      "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
+            self.file.write(json.dumps(record) + "\n")
+            self.period.append(record)
+            if not skipped:
+                self._check_spike(record, loss, grad_norm)
+        self.file.flush()
+        write_text_atomic(self.spikes_path, json.dumps(self.spikes, indent=1))
+        return record
+
+    def _check_spike(self, record: dict, loss: float, grad_norm: float) -> None:
+        is_spike, level = self.detector.update(loss)
+        if is_spike:
+            self.spikes.append({
+                "step": record["step"], "loss": loss, "level": level, "grad_norm": grad_norm,
+                "lr": record["lr"], "clipped": record["clipped"], "skipped": False,
+                "windows": self.windows(record["step"]),
+            })
+
+    def take_period(self) -> dict:
+        """The aggregates of the checkpoint period that just ended (rank 0)."""
+        period = aggregate_period(self.period)
+        self.period.clear()
+        return period
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, size: int = 1024) -> float:

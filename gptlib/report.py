@@ -34,8 +34,7 @@ from gptlib.data import DataError
 from gptlib.evals import reference_line
 from gptlib.launch import LaunchError, launch, prepare_run
 from gptlib.paths import REPO_ROOT
-from gptlib.rundir import end_of_run_lines
-from gptlib.summary import read_summary
+from gptlib.rundir import end_of_run_lines, read_summary
 
 __all__ = [
     "NOTEBOOK_ERRORS",

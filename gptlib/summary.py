@@ -10,7 +10,6 @@ being dropped. Deltas are against the baseline run of the same seed (else the se
 
 from __future__ import annotations
 
-import datetime
 import importlib.resources
 import json
 import math
@@ -21,8 +20,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from gptlib.display import format_duration
 from gptlib.metrics import read_metrics
 from gptlib.paths import OUTPUTS_DIR
+from gptlib.rundir import read_summary
 
 __all__ = ["COLUMNS", "read_summary", "run_status", "find_runs", "collect_runs",
            "reference_results", "reference_table", "table", "noise_table", "verdict",
@@ -34,14 +35,6 @@ COLUMNS = [
     "interventions", "eval_checkpoint", "error", "run_dir",
 ]
 RUN_MARKERS = ("summary.json", "config.yaml", "train.ipynb")
-
-
-def read_summary(run_dir: str | Path) -> dict:
-    """A run's summary.json ({} when it has none or it cannot be read)."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _notebook_error(path: Path) -> str | None:
@@ -199,12 +192,6 @@ def _fmt(value: object, spec: str) -> str:
     return format(value, spec)
 
 
-def _duration(seconds: object) -> str:
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "—"
-    return str(datetime.timedelta(seconds=round(float(seconds))))  # type: ignore[arg-type]
-
-
 def table(df: pd.DataFrame) -> pd.DataFrame:
     """The runs table formatted for reading (strings; losses to 6 decimals)."""
     out = pd.DataFrame({
@@ -213,7 +200,7 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         "test loss": [_fmt(v, ".6f") for v in df["test_loss"]],
         "Δ vs baseline": [_fmt(v, "+.6f") for v in df["delta_vs_baseline"]],
         "Δ / baseline SD": [_fmt(v, "+.2f") for v in df["delta_sd"]],
-        "time": [_duration(v) for v in df["wall_time_s"]],
+        "time": [format_duration(v) for v in df["wall_time_s"]],
         "tokens/s": [_fmt(v, ",.0f") for v in df["tokens_per_s"]],
         "final train loss": [_fmt(v, ".3f") for v in df["final_train_loss"]],
         "spikes": [_fmt(v if v is None else float(v), ".0f") for v in df["spike_count"]],

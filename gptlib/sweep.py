@@ -21,7 +21,7 @@ from gptlib.config import ConfigError, list_interventions, resolve_config
 from gptlib.display import format_duration
 from gptlib.launch import default_run_dir
 from gptlib.paths import OUTPUTS_DIR, SUMMARY_NOTEBOOK, TRAIN_NOTEBOOK
-from gptlib.summary import read_summary
+from gptlib.rundir import read_summary
 
 __all__ = ["PlannedRun", "RunOutcome", "parse_interventions", "plan", "render_notebook", "sweep",
            "report_lines"]

@@ -17,8 +17,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import json
-import math
 import os
 import re
 import sys
@@ -37,23 +35,15 @@ from gptlib import rundir
 from gptlib.config import RunConfig, check_world_size, load_config
 from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset, token_budget
 from gptlib.device import autocast_context, pick_device, resolve_precision, use_compile
+from gptlib.display import format_duration
 from gptlib.lifeline import hold_writer_lock
-from gptlib.metrics import SpikeDetector, aggregate_period, peak_flops, read_metrics
+from gptlib.metrics import MetricsLog, SpikeDetector, StepStats, peak_flops
 from gptlib.model import GPTModel, count_parameters, flops_per_token
 from gptlib.optim import build_optimizer, lr_at, set_lr
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. too many consecutive non-finite steps)."""
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or infinity; a non-finite value is recorded as null."""
-    return value if math.isfinite(value) else None
-
-
-def format_duration(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 @dataclass
@@ -73,16 +63,6 @@ class RankContext:
 
 
 # --------------------------------------------------------------------------- one optimizer step
-
-
-@dataclass
-class StepStats:
-    """One optimizer step, as device tensors (read on the host only at a flush)."""
-
-    loss: torch.Tensor  # mean over the step's micro-batches
-    grad_norm: torch.Tensor  # before clipping
-    clipped: torch.Tensor  # 1.0 when clipping scaled the gradients down
-    skipped: bool  # a non-finite gradient or loss: no update
 
 
 def micro_batch_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -189,87 +169,6 @@ class RunState:
         return is_best
 
 
-class MetricsLog:
-    """metrics.jsonl and spikes.json (written by rank 0). Each step's values stay on the device until
-    `flush` reduces them over the ranks in one all-reduce, so the loop never waits on the host."""
-
-    def __init__(self, run_dir: Path, ctx: RankContext, tokens_per_step: int, detector: SpikeDetector,
-                 windows: Callable[[int], dict[str, list[int]]], start_step: int, resume: bool):
-        self.ctx, self.tokens_per_step, self.detector, self.windows = ctx, tokens_per_step, detector, windows
-        self.metrics_path, self.spikes_path = run_dir / rundir.METRICS, run_dir / rundir.SPIKES
-        self.pending: list[tuple[StepStats, float]] = []
-        self.period: list[dict] = []  # records of the current checkpoint period (rank 0)
-        self.spikes: list[dict] = []
-        self.file = None
-        self.last_loss = math.nan  # the newest step's loss, unrounded, for the progress line
-        if ctx.rank == 0:
-            # Steps after the checkpoint we resume from are recomputed; drop their records.
-            kept = [r for r in read_metrics(self.metrics_path) if r["step"] < start_step]
-            ckpt.write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-            for r in kept:
-                if not r["skipped"]:
-                    detector.update(r["loss"])
-            if self.spikes_path.exists() and resume:
-                self.spikes = [s for s in json.loads(self.spikes_path.read_text())
-                               if s["step"] < start_step]
-            self.file = open(self.metrics_path, "a")
-        self.last_flush_time, self.last_flush_step = time.perf_counter(), start_step
-
-    def start_clock(self) -> float:
-        """Time the first flush's tokens/s from now (after the set-up); returns the time."""
-        self.last_flush_time = time.perf_counter()
-        return self.last_flush_time
-
-    def add(self, stats: StepStats, lr: float) -> None:
-        self.pending.append((stats, lr))
-
-    def flush(self, step: int) -> dict | None:
-        """Reduce the pending steps over ranks; rank 0 writes them and returns the last record."""
-        values = torch.stack([torch.stack([s.loss, s.grad_norm, s.clipped]) for s, _ in self.pending])
-        host = [(lr, s.skipped) for s, lr in self.pending]
-        self.pending.clear()
-        dist.all_reduce(values)
-        rows = (values / self.ctx.world_size).tolist()
-        now = time.perf_counter()
-        tokens_per_s = ((step + 1 - self.last_flush_step) * self.tokens_per_step
-                        / (now - self.last_flush_time))
-        first = self.last_flush_step
-        self.last_flush_time, self.last_flush_step = now, step + 1
-        self.last_loss = rows[-1][0]
-        if self.file is None:
-            return None
-        for offset, ((loss, grad_norm, clipped), (lr, skipped)) in enumerate(zip(rows, host, strict=True)):
-            record = {"step": first + offset, "tokens": (first + offset + 1) * self.tokens_per_step,
-                      "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
-                      "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
-            self.file.write(json.dumps(record) + "\n")
-            self.period.append(record)
-            if not skipped:
-                self._check_spike(record, loss, grad_norm)
-        self.file.flush()
-        ckpt.write_text_atomic(self.spikes_path, json.dumps(self.spikes, indent=1))
-        return record
-
-    def _check_spike(self, record: dict, loss: float, grad_norm: float) -> None:
-        is_spike, level = self.detector.update(loss)
-        if is_spike:
-            self.spikes.append({
-                "step": record["step"], "loss": loss, "level": level, "grad_norm": grad_norm,
-                "lr": record["lr"], "clipped": record["clipped"], "skipped": False,
-                "windows": self.windows(record["step"]),
-            })
-
-    def take_period(self) -> dict:
-        """The aggregates of the checkpoint period that just ended (rank 0)."""
-        period = aggregate_period(self.period)
-        self.period.clear()
-        return period
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 class Checkpointer:
     """When to checkpoint, and the checkpoint itself: every rank's RNG state, weights, optimizer,
     pointers (latest, best) and pruning down to `train.keep_checkpoints`."""
@@ -350,8 +249,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     checkpointer = Checkpointer(run_dir, cfg, ctx, precision)
     windows = lambda s: {str(r): [w for a in range(ga) for w in reader.window_indices(s, a, r)]  # noqa: E731
                          for r in range(ctx.world_size)}
-    log = MetricsLog(run_dir, ctx, tokens_per_step, SpikeDetector(t.spike_window, t.spike_threshold),
-                     windows, start_step, bool(resume))
+    log = MetricsLog(run_dir, ctx.rank, ctx.world_size, tokens_per_step,
+                     SpikeDetector(t.spike_window, t.spike_threshold), windows, start_step, bool(resume))
     if ctx.rank == 0:
         rundir.merge_summary(run_dir, {
             "status": "running", "error": None, "run_name": cfg.run_name, "scale": cfg.scale,
