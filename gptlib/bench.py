@@ -32,26 +32,27 @@ the machine each side got: well under 100% means others were using it and the ti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
-import struct
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from gptlib.bench_workers import (
+    WORKERS,
+    BenchError,
+    cpu_name,
+    data_probe,
+    loadavg,
+    run_worker,
+)
 from gptlib.config import ModelConfig
 from gptlib.model import flops_per_token
 
@@ -60,383 +61,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUICK_SHAPE = {"layers": 2, "heads": 2, "emb": 64, "context": 64, "microbatch": 2}
 DEFAULT_DATA_TOKENS = (10_000_000, 500_000_000)
 QUICK_DATA_TOKENS = (1_000_000, 20_000_000)
-# Issue #6's targets.
+# The targets the benchmark checks (`--check`).
 TARGET_TOKENS_PER_S = 1.3
 TARGET_PEAK_RSS = 0.7
 TARGET_EVAL = 2.0
 TARGET_DATA_GROWTH_MB = 64.0
 BUSY_CPU_USE = 0.8  # below this share of its threads' CPU time, a side competed for the cores
 
-
-class BenchError(RuntimeError):
-    """A benchmark that cannot run (bad option, failed worker); the message says why."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Process measurements
-
-
-def _proc_status_mb(key: str) -> float | None:
-    """A `VmRSS` / `VmHWM` line of /proc/self/status in MB (None where there is no /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process, MB."""
-    value = _proc_status_mb("VmRSS")
-    return value if value is not None else peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MB (VmHWM, else ru_maxrss)."""
-    value = _proc_status_mb("VmHWM")
-    if value is not None:
-        return value
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1024**2
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); True if it worked."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------------------------------
-# Workers (each runs in a fresh process)
-
-
-def _model_config(spec: dict) -> ModelConfig:
-    return ModelConfig(**spec["model"])
-
-
-def _build_model(side: str, cfg: ModelConfig, seed: int) -> torch.nn.Module:
-    """The side's model with seeded initial weights (the same for both sides: same creation order)."""
-    torch.manual_seed(seed)
-    if side == "reference":
-        from llms_from_scratch.ch04 import GPTModel as BookGPTModel
-
-        return BookGPTModel(dataclasses.asdict(cfg))
-    from gptlib.model import GPTModel
-
-    return GPTModel(cfg)
-
-
-def _batches(cfg: ModelConfig, rows: int, count: int, seed: int) -> torch.Tensor:
-    """`count` batches of `rows` windows of context + 1 tokens, deterministic in `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, cfg.vocab_size, (count, rows, cfg.context_length + 1), generator=generator)
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The training loop's autocast (it also sets TF32 as the loop does), for both sides."""
-    from gptlib.device import autocast_context
-
-    return autocast_context(precision, device)
-
-
-def _apply_ablations(ablate: list[str]) -> None:
-    """Switch off one of gptlib's fast paths, to measure what it brings (`--ablate`)."""
-    from gptlib import model as model_module
-
-    if "blockwise-attention" in ablate:
-        model_module.CPU_DROPOUT_ATTENTION = False
-    if "fast-dropout" in ablate:
-        model_module.CPU_FAST_DROPOUT = False
-
-
-def logits_then_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                     autocast: contextlib.AbstractContextManager) -> torch.Tensor:
-    """The loss without the chunked LM head: full logits, then cross-entropy (`--ablate chunked-loss`)."""
-    with autocast:
-        return F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
-
-
-def train_worker(spec: dict) -> dict:
-    """Time `warmup + steps` training steps of one side; peak RSS and per-step losses."""
-    cfg, side, precision = _model_config(spec), spec["side"], spec["precision"]
-    device = torch.device(spec["device"])
-    ablate = spec.get("ablate", [])
-    _apply_ablations(ablate)
-    rss_start = rss_mb()
-    model = _build_model(side, cfg, spec["seed"]).to(device)
-    model.train()
-    n_steps = spec["warmup"] + spec["steps"]
-    data = _batches(cfg, spec["microbatch"], n_steps, spec["seed"] + 1)
-    autocast = _autocast(precision, device)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    lr, wd = spec["learning_rate"], spec["weight_decay"]
-    step: Callable[[torch.Tensor, torch.Tensor], Any]
-    if side == "reference":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)  # plain AdamW
-
-        def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-            optimizer.zero_grad()
-            with autocast:
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            return loss.item()  # the series reads the loss every micro-batch
-    else:
-        from gptlib.config import TrainConfig
-        from gptlib.optim import build_optimizer, param_groups
-        from gptlib.train import micro_batch_loss, train_step
-
-        train_cfg = TrainConfig(learning_rate=lr, weight_decay=wd)
-        if "fused-adamw" in ablate:
-            optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=lr)
-        else:  # the training loop's optimizer
-            optimizer = build_optimizer(model, train_cfg, device)
-        net = torch.compile(model) if spec["compile"] else model
-        loss_fn = micro_batch_loss if "chunked-loss" not in ablate else logits_then_loss
-
-        def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            """The training loop's own step, one micro-batch."""
-            return train_step(net, optimizer, lambda _: (inputs, targets), 1, autocast, scaler,
-                              loss_fn=loss_fn).loss
-
-    rss_ready = rss_mb()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, cpu_times, losses = [], [], []
-    load_start = loadavg()
-    for i in range(n_steps):
-        inputs, targets = (t.to(device, non_blocking=True) for t in (data[i, :, :-1], data[i, :, 1:]))
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        losses.append(step(inputs, targets))
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-        if spec.get("verbose"):
-            kind = "warm-up" if i < spec["warmup"] else "step"
-            print(f"  {side} {precision} {kind} {i + 1}/{n_steps}: {times[-1]:.2f} s", file=sys.stderr,
-                  flush=True)
-    tokens = spec["microbatch"] * cfg.context_length
-    return {
-        "side": side,
-        "precision": precision,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "compile": bool(spec["compile"]) and side == "gptlib",
-        "fused_adamw": bool(optimizer.defaults.get("fused")),
-        "ablate": ablate,
-        "step_times_s": times,
-        "step_cpu_times_s": cpu_times,
-        "tokens_per_step": tokens,
-        "losses": [float(x) for x in losses],
-        "rss_start_mb": rss_start,
-        "rss_ready_mb": rss_ready,
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 1024**2
-                           if device.type == "cuda" else None),
-        "loadavg": [load_start, loadavg()],
-        "threads": torch.get_num_threads(),
-    }
-
-
-def eval_worker(spec: dict) -> dict:
-    """Time test-loss batches of one side (gptlib's evaluation or the series' forward pass)."""
-    cfg, side, precision = _model_config(spec), spec["side"], spec["precision"]
-    device = torch.device(spec["device"])
-    model = _build_model(side, cfg, spec["seed"]).to(device).eval()
-    n = spec["warmup"] + spec["batches"]
-    data = _batches(cfg, spec["batch_size"], n, spec["seed"] + 2)
-    autocast = _autocast(precision, device)
-    times, cpu_times, losses = [], [], []
-    load_start = loadavg()
-    for i in range(n):
-        inputs, targets = (t.to(device) for t in (data[i, :, :-1], data[i, :, 1:]))
-        _sync(device)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        if side == "reference":
-            with torch.no_grad(), autocast:
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            losses.append(loss.item())
-        else:
-            with torch.inference_mode(), autocast:
-                losses.append(model(inputs, targets).float())
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return {
-        "side": side,
-        "precision": precision,
-        "batch_shape": [spec["batch_size"], cfg.context_length],
-        "batch_times_s": times,
-        "batch_cpu_times_s": cpu_times,
-        "tokens_per_step": spec["batch_size"] * cfg.context_length,
-        "losses": [float(x) for x in losses],
-        "peak_rss_mb": peak_rss_mb(),
-        "loadavg": [load_start, loadavg()],
-        "threads": torch.get_num_threads(),
-    }
-
-
-def data_worker(spec: dict) -> dict:
-    """Resident memory of opening a token file and reading its micro-batches in order (every one,
-    or `batches` spread evenly over the file): what a run does to its training split."""
-    from gptlib.data import BatchReader, TokenFile
-
-    path, microbatch, context = Path(spec["path"]), spec["microbatch"], spec["context"]
-    before = {key: _proc_status_mb(key) for key in ("VmRSS", "RssAnon", "RssFile")}
-    reset_peak_rss()
-    start = time.perf_counter()
-    block = microbatch * context
-    if spec["loader"] == "gptlib":
-        reader = BatchReader(TokenFile(path), microbatch, context, 1, 1)
-        blocks = reader.max_steps
-
-        def read(i: int) -> torch.Tensor:
-            return reader.get(i, 0, 0)[0]
-    else:  # the series' loader: the whole split read into memory
-        tokens = load_whole_token_file(path)
-        blocks = (len(tokens) - 1) // block
-
-        def read(i: int) -> torch.Tensor:
-            window = tokens[i * block : (i + 1) * block + 1].long()
-            return window[:-1].view(microbatch, context)  # the inputs, as BatchReader.get gives them
-
-    batches = spec.get("batches") or blocks
-    checksum = 0
-    for i in np.linspace(0, blocks - 1, min(batches, blocks)).astype(int).tolist():
-        checksum += int(read(i)[..., -1].sum())
-    after = {key: _proc_status_mb(key) for key in ("VmRSS", "RssAnon", "RssFile")}
-    peak = peak_rss_mb()
-    return {
-        "loader": spec["loader"],
-        "tokens": spec["tokens"],
-        "file_mb": path.stat().st_size / 1024**2,
-        "batches_read": min(batches, blocks),
-        "seconds": time.perf_counter() - start,
-        "rss_before_mb": before["VmRSS"],
-        "peak_rss_mb": peak,
-        "growth_mb": max(peak, after["VmRSS"] or 0) - (before["VmRSS"] or 0),
-        # Anonymous memory is the process's own; file-backed pages are the page cache mapped in
-        # (reclaimable, and shared by every rank that maps the same file).
-        "anon_growth_mb": _difference(after["RssAnon"], before["RssAnon"]),
-        "file_growth_mb": _difference(after["RssFile"], before["RssFile"]),
-        "checksum": checksum,
-    }
-
-
-def _difference(a: float | None, b: float | None) -> float | None:
-    return a - b if a is not None and b is not None else None
-
-
-WORKERS: dict[str, Callable[[dict], dict]] = {
-    "train": train_worker,
-    "eval": eval_worker,
-    "data": data_worker,
-}
-
-
-def run_worker(spec: dict, timeout: float | None = None) -> dict:
-    """Run one measurement in a fresh Python process and return its result."""
-    with tempfile.TemporaryDirectory(prefix="gptlib-bench-") as tmp:
-        out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "gptlib.bench", "--worker", json.dumps(spec),
-                   "--worker-out", str(out)]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, timeout=timeout)
-        if proc.stderr and spec.get("verbose"):
-            sys.stderr.write(proc.stderr)
-        if proc.returncode != 0 or not out.exists():
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise BenchError(f"{spec['task']} worker ({spec.get('side') or spec.get('loader')}, "
-                             f"{spec.get('precision', '')}) failed with exit code {proc.returncode}:\n{tail}")
-        return json.loads(out.read_text())
-
-
-# --------------------------------------------------------------------------------------------------
-# Token files for the data-reader probe
-
-
-def write_synthetic_token_file(path: Path, n_tokens: int, chunk: int = 1 << 24) -> Path:
-    """A safetensors token file of `n_tokens` uint16 ids < 50257, written chunk by chunk."""
-    header = {"tokens": {"dtype": "U16", "shape": [n_tokens], "data_offsets": [0, 2 * n_tokens]}}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for start in range(0, n_tokens, chunk):
-            ids = np.arange(start, min(start + chunk, n_tokens), dtype=np.int64) * 7919 % 50257
-            f.write(ids.astype("<u2").tobytes())
-    return path
-
-
-def load_whole_token_file(path: Path) -> torch.Tensor:
-    """A token file's `tokens`, read whole into (anonymous) memory, as the series' loader holds it."""
-    dtypes = {"U16": "<u2", "I32": "<i4", "I64": "<i8"}
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(size))["tokens"]
-        start, stop = info["data_offsets"]
-        f.seek(8 + size + start)
-        dtype = np.dtype(dtypes[info["dtype"]])
-        return torch.from_numpy(np.fromfile(f, dtype=dtype, count=(stop - start) // dtype.itemsize))
-
-
-def data_probe(token_counts: tuple[int, ...], microbatch: int, context: int, batches: int,
-               workdir: Path | None = None, verbose: bool = False) -> dict:
-    """Memory growth per loader and file size, and the growth from the smallest to the largest file."""
-    with tempfile.TemporaryDirectory(prefix="gptlib-bench-data-", dir=workdir) as tmp:
-        files = {n: write_synthetic_token_file(Path(tmp) / f"tokens-{n}.safetensors", n)
-                 for n in token_counts}
-        result: dict[str, Any] = {"tokens": list(token_counts), "microbatch": microbatch,
-                                  "context": context, "batches_read": batches}
-        for loader in ("gptlib", "series"):
-            runs = {}
-            for n, path in files.items():
-                if verbose:
-                    print(f"bench: data reader {loader}, {n:,} tokens", file=sys.stderr, flush=True)
-                runs[str(n)] = run_worker({"task": "data", "loader": loader, "path": str(path),
-                                           "tokens": n, "microbatch": microbatch, "context": context,
-                                           "batches": batches})
-            small, large = runs[str(min(token_counts))], runs[str(max(token_counts))]
-            result[loader] = {"runs": runs, "growth_mb": large["growth_mb"] - small["growth_mb"]}
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,7 +78,7 @@ def resolve_shape(args: argparse.Namespace) -> tuple[ModelConfig, int]:
     """(model config, micro-batch size) from --scale, --quick and the shape flags (flags win)."""
     cfg, microbatch = ModelConfig(), 1
     if args.scale:
-        from gptlib.config import resolve_config
+        from gptlib.presets import resolve_config
 
         run = resolve_config(args.scale)
         cfg, microbatch = run.model, run.train.microbatch_size
@@ -560,7 +191,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         train_spec = {**base, "task": "train", "precision": precision, "microbatch": microbatch,
                       "steps": steps, "warmup": warmup, "compile": args.compile,
                       "learning_rate": args.lr, "weight_decay": args.weight_decay}
-        rows = _measure_sides(index, args.rounds, "training", say, {
+        rows = measure_sides(index, args.rounds, "training", say, {
             side: {**train_spec, "side": side, "ablate": args.ablate if side == "gptlib" else []}
             for side in sides})
         for row in rows.values():
@@ -579,7 +210,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         if args.eval_batches > 0:
             eval_spec = {**base, "task": "eval", "precision": precision, "batch_size": eval_batch,
                          "batches": args.eval_batches, "warmup": 1}
-            eval_rows = _measure_sides(index, args.rounds, "evaluation", say,
+            eval_rows = measure_sides(index, args.rounds, "evaluation", say,
                                        {side: {**eval_spec, "side": side} for side in sides})
             for row in eval_rows.values():
                 row["mfu"] = row["tokens_per_s"] * fpt / 3 / peak if peak else None
@@ -606,7 +237,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     return result
 
 
-def _measure_sides(index: int, rounds: int, what: str, say: Callable[[str], None],
+def measure_sides(index: int, rounds: int, what: str, say: Callable[[str], None],
                    specs: dict[str, dict]) -> dict[str, Any]:
     """Run each side's worker spec `rounds` times, alternating the order (it also flips with `index`,
     the precision's position), so a drift in machine load favours neither side; merge each side's runs."""

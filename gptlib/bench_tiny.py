@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gptlib.bench import _measure_sides
-from gptlib.config import ModelConfig, resolve_config
+from gptlib.bench import measure_sides
+from gptlib.config import ModelConfig
+from gptlib.presets import resolve_config
 
 PREVIOUS_TINY = ModelConfig(vocab_size=50257, context_length=128, emb_dim=128, n_heads=4, n_layers=4,
                             drop_rate=0.1)
@@ -33,7 +34,7 @@ PREVIOUS_MICROBATCH = 8
 
 def chars_per_token() -> dict[str, float]:
     """Characters per token of the tiny scale's BPE and of GPT-2 on the built-in validation text."""
-    from gptlib.data import dataset_split, open_tokenizer
+    from gptlib.sources import dataset_split, open_tokenizer
     from gptlib.tokenizer import GPT2Tokenizer
 
     cfg = resolve_config("tiny")
@@ -68,7 +69,7 @@ def run(rounds: int = 3, steps: int = 30, warmup: int = 5, json_path: Path | Non
         if verbose:
             print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    rows = _measure_sides(0, rounds, "training", say, specs)
+    rows = measure_sides(0, rounds, "training", say, specs)
     per_token = chars_per_token()
     result: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "precision": precision,
                               "rounds": rounds, "steps": steps, "warmup": warmup,

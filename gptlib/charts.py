@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-from gptlib.config import RunConfig, load_config
+from gptlib.config import RunConfig
 from gptlib.metrics import periods, read_metrics
+from gptlib.presets import load_config
 from gptlib.rundir import read_spikes, read_summary
 
 __all__ = [

@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from gptlib.data import prepare_dataset
+    from gptlib.prepare import prepare_dataset
 
     stats = prepare_dataset(args.inputs, args.out, args.validation_fraction, args.workers,
                             tokenizer=args.tokenizer)

@@ -1,10 +1,8 @@
-"""Run configuration: dataclasses, YAML presets and strict validation.
+"""What a run configuration is: the dataclasses, the one type-coercion pass and the value checks.
 
-A run is one *scale* (``parameters/scales/<name>.yaml``: model shape, dataset, token budget, batch,
-precision) plus zero or more *interventions* (``parameters/interventions/<name>.yaml``: a small
-delta each), a seed and explicit overrides, applied in that order on top of the dataclass defaults.
-The defaults are the baseline of Giles Thomas's "Writing an LLM from scratch, part 32" series
-(GPT-2 small, AdamW lr 4e-4, weight decay 0.1, fp16 AMP, seed 42).
+gptlib.presets builds one from the YAML presets, a series run folder or overrides, and reads and
+writes ``config.yaml``. The defaults are the baseline of Giles Thomas's "Writing an LLM from
+scratch, part 32" series (GPT-2 small, AdamW lr 4e-4, weight decay 0.1, fp16 AMP, seed 42).
 
 Every problem raises :class:`ConfigError` with a one-line message that names the bad key, value or
 file and lists what is allowed, closest match first -- before any work starts.
@@ -15,11 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -38,11 +34,6 @@ __all__ = [
     "PARAMETERS_DIR",
     "PRECISIONS",
     "DEVICES",
-    "list_scales",
-    "list_interventions",
-    "resolve_config",
-    "load_config",
-    "save_config",
     "check_world_size",
     "validate",
 ]
@@ -151,6 +142,13 @@ class RunConfig:
         t = self.train
         return t.microbatch_size * self.model.context_length * t.gradient_accumulation_steps * world_size
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The validated config of a nested dict (what :meth:`to_dict` returns)."""
+        sections = {name: section(**data[name]) for name, section in SECTIONS.items()}
+        top = {k: data[k] for k in ("scale", "interventions", "nproc")}
+        return validate(cls(**top, **sections))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (what ``config.yaml`` holds)."""
         return dataclasses.asdict(self)
@@ -162,27 +160,17 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Names, files and messages
+# Messages
 
 
-def list_scales() -> list[str]:
-    """Scale names: the file stems of ``parameters/scales/*.yaml``."""
-    return sorted(p.stem for p in (PARAMETERS_DIR / "scales").glob("*.yaml"))
-
-
-def list_interventions() -> list[str]:
-    """Intervention names: the file stems of ``parameters/interventions/*.yaml``."""
-    return sorted(p.stem for p in (PARAMETERS_DIR / "interventions").glob("*.yaml"))
-
-
-def _ranked(word: str, names: Iterable[str]) -> str:
+def closest_first(word: str, names: Iterable[str]) -> str:
     """The valid names, closest to ``word`` first, as one comma-separated string."""
     names = list(names)
     close = difflib.get_close_matches(word, names, n=len(names), cutoff=0.5)
     return ", ".join(close + sorted(n for n in names if n not in close))
 
 
-def _show(path: Path) -> str:
+def short_path(path: Path) -> str:
     """A short form of a path for messages (relative to the repo when inside it)."""
     try:
         return str(path.resolve().relative_to(PARAMETERS_DIR.resolve().parent))
@@ -190,25 +178,8 @@ def _show(path: Path) -> str:
         return str(path)
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split())
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from ``path`` ({} for an empty file); a parse error names the file."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{_show(path)}: invalid YAML: {_one_line(e)}") from None
-    except OSError as e:
-        raise ConfigError(f"{_show(path)}: cannot read: {e.strerror}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{_show(path)}: expected a mapping of sections, got {type(data).__name__}"
-        )
-    return data
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +190,7 @@ _TYPE_NAMES = {type(None): "null", bool: "bool", int: "int", float: "float", str
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     """``{field name: annotation}`` of a config dataclass, in declaration order."""
     return typing.get_type_hints(cls)
 
@@ -248,7 +219,7 @@ def _fit(value: Any, arm: Any) -> tuple[bool, Any]:
     raise TypeError(f"unsupported config type {arm!r}")
 
 
-def _coerce(key: str, value: Any, tp: Any, text: bool = False) -> Any:
+def coerce(key: str, value: Any, tp: Any, text: bool = False) -> Any:
     """``value`` checked against ``tp``; with ``text``, a str is read as YAML first ('4' -> 4)."""
     arms = _arms(tp)
     candidates = [value]
@@ -266,25 +237,25 @@ def _coerce(key: str, value: Any, tp: Any, text: bool = False) -> Any:
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
-def _set_key(
+def set_key(
     cfg: dict[str, Any], section: str, key: str, value: Any, *, source: str, text: bool = False
 ) -> None:
     """Set ``cfg[section][key]`` after checking the key exists and the value's type."""
-    fields = _field_types(SECTIONS[section])
+    fields = field_types(SECTIONS[section])
     if key not in fields:
-        elsewhere = [s for s, cls in SECTIONS.items() if key in _field_types(cls)]
+        elsewhere = [s for s, cls in SECTIONS.items() if key in field_types(cls)]
         hint = f" (it is a key of {elsewhere[0]}: {elsewhere[0]}.{key})" if elsewhere else ""
         raise ConfigError(
             f"{source}{section}.{key}: unknown key{hint}; "
-            f"allowed keys of {section}: {_ranked(key, fields)}"
+            f"allowed keys of {section}: {closest_first(key, fields)}"
         )
     try:
-        cfg[section][key] = _coerce(f"{section}.{key}", value, fields[key], text)
+        cfg[section][key] = coerce(f"{section}.{key}", value, fields[key], text)
     except ConfigError as e:
         raise ConfigError(f"{source}{e}") from None
 
 
-def _apply(
+def apply_delta(
     cfg: dict[str, Any],
     delta: Mapping[str, Any],
     *,
@@ -297,20 +268,20 @@ def _apply(
     for section, values in delta.items():
         if section == "nproc" and allow_nproc:
             try:
-                cfg["nproc"] = _coerce("nproc", values, int | str, text)
+                cfg["nproc"] = coerce("nproc", values, int | str, text)
             except ConfigError as e:
                 raise ConfigError(f"{source}{e}") from None
             continue
         if section not in SECTIONS:
             raise ConfigError(
-                f"{source}unknown section {section!r}; allowed: {_ranked(str(section), allowed)}"
+                f"{source}unknown section {section!r}; allowed: {closest_first(str(section), allowed)}"
             )
         if values is None:
             continue
         if not isinstance(values, Mapping):
             raise ConfigError(f"{source}{section}: expected a mapping of keys, got {values!r}")
         for key, value in values.items():
-            _set_key(cfg, section, str(key), value, source=source, text=text)
+            set_key(cfg, section, str(key), value, source=source, text=text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,15 +294,15 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    _require(value in allowed, f"{key}={value!r}: not allowed; allowed: {_ranked(value, allowed)}")
+    _require(value in allowed, f"{key}={value!r}: not allowed; allowed: {closest_first(value, allowed)}")
 
 
 def _check_types(cfg: RunConfig) -> None:
     for section, cls in SECTIONS.items():
         part = getattr(cfg, section)
-        for name, tp in _field_types(cls).items():
-            setattr(part, name, _coerce(f"{section}.{name}", getattr(part, name), tp))
-    cfg.nproc = _coerce("nproc", cfg.nproc, int | str)
+        for name, tp in field_types(cls).items():
+            setattr(part, name, coerce(f"{section}.{name}", getattr(part, name), tp))
+    cfg.nproc = coerce("nproc", cfg.nproc, int | str)
     _require(isinstance(cfg.scale, str) and bool(cfg.scale), f"scale: bad name {cfg.scale!r}")
     names = cfg.interventions
     _require(
@@ -428,6 +399,24 @@ def _check_values(cfg: RunConfig) -> None:
         check_world_size(cfg, cfg.nproc)
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value before, value after) for every setting that differs, in config order
+    (the model card, the stacking table and the resume check all use this)."""
+    old, new = _flat(before.to_dict()), _flat(after.to_dict())
+    keys = [*old, *(k for k in new if k not in old)]
+    return [(k, old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)]
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check types (coercing int -> float) and values of ``cfg`` in place; return it."""
     _check_types(cfg)
@@ -458,219 +447,3 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Importing one of the series' run directories (runs/<name>/model.json + train.json)
-
-# Series train.json keys whose name differs here; keys equal to a TrainConfig field map as they are.
-SERIES_TRAIN_KEYS = {
-    "minibatch_size": "microbatch_size",  # the early name
-    "validation_interval": "checkpoint_interval",  # the early name
-}
-# In-training validation knobs of the series; gptlib measures test loss once, at the end (eval.*).
-SERIES_IGNORED_KEYS = ("start_val_token", "validation_batches")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(
-            f"{_show(path)}: missing; a series run directory holds model.json and train.json"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{_show(path)}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{_show(path)}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
-    """Apply a series run directory's model.json and train.json to ``cfg``."""
-    model_file, train_file = run_dir / "model.json", run_dir / "train.json"
-    model_json, train_json = _read_json(model_file), _read_json(train_file)
-    _apply(cfg, {"model": model_json}, source=f"{_show(model_file)}: ", allow_nproc=False)
-
-    source = f"{_show(train_file)}: "
-    train_fields = _field_types(TrainConfig)
-    allowed = sorted({*train_fields, *SERIES_TRAIN_KEYS, *SERIES_IGNORED_KEYS, "use_amp"})
-    for key, value in train_json.items():
-        if key in SERIES_IGNORED_KEYS:
-            continue
-        if key == "use_amp":
-            use_amp = _coerce(f"{source}use_amp", value, bool)
-            cfg["train"]["precision"] = "fp16" if use_amp else "fp32"
-            continue
-        if key == "dataset" and isinstance(value, str) and ":" not in value:
-            value = f"hf:{value}"  # the series downloads every dataset from the HF Hub
-        name = SERIES_TRAIN_KEYS.get(key, key)
-        if name not in train_fields:
-            raise ConfigError(f"{source}unknown key {key!r}; allowed: {_ranked(key, allowed)}")
-        _set_key(cfg, "train", name, value, source=source)
-
-    # "8xa100m40-baseline": 8 processes, and the series' global batch follows from that.
-    match = re.match(r"(\d+)x", run_dir.name)
-    if match:
-        cfg["nproc"] = int(match.group(1))
-        t = cfg["train"]
-        t["global_batch_size"] = (
-            t["microbatch_size"] * cfg["nproc"] * t["gradient_accumulation_steps"]
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Resolution: defaults -> scale -> interventions -> seed -> overrides -> nproc
-
-
-def _split_interventions(intervention: str | list[str]) -> list[str]:
-    """``"a+b"`` or ``["a", "b+c"]`` -> validated names, ``baseline`` dropped when combined."""
-    spec = [intervention] if isinstance(intervention, str) else list(intervention)
-    names: list[str] = []
-    for part in spec:
-        if not isinstance(part, str):
-            raise ConfigError(f"intervention: expected a name, got {part!r}")
-        names += [n.strip() for n in part.split("+")]
-    text = "+".join(spec)
-    if not names or any(not n for n in names):
-        raise ConfigError(
-            f"intervention {text!r}: empty name; join names with '+', e.g. "
-            "gradient-clipping+no-dropout"
-        )
-    valid = sorted({*list_interventions(), "baseline"})
-    for name in names:
-        if name not in valid:
-            raise ConfigError(f"unknown intervention {name!r}; allowed: {_ranked(name, valid)}")
-        if names.count(name) > 1:
-            raise ConfigError(f"intervention {name!r} is given more than once in {text!r}")
-    return [n for n in names if n != "baseline"]
-
-
-def _parse_overrides(overrides: Mapping[str, Any] | list[str] | str) -> dict[str, Any]:
-    """Overrides as ``{section: {key: value}}`` (plus ``nproc``), from dotted keys."""
-    items: list[tuple[str, Any]]
-    if isinstance(overrides, str):
-        parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
-        overrides = parsed if isinstance(parsed, dict) else overrides.split()
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    else:
-        items = []
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(
-                    f"override {item!r}: expected key=value, e.g. model.n_layers=2 or nproc=2"
-                )
-            key, value = item.split("=", 1)
-            items.append((key.strip(), value.strip()))
-
-    delta: dict[str, Any] = {}
-    for key, value in items:
-        key = str(key)
-        if key in SECTIONS and isinstance(value, Mapping):
-            delta.setdefault(key, {}).update(value)
-        elif key in SECTIONS or key == "nproc":
-            delta[key] = value
-        elif "." in key:
-            section, name = key.split(".", 1)
-            delta.setdefault(section, {})[name] = value
-        else:
-            dotted = ["nproc"] + [f"{s}.{n}" for s, c in SECTIONS.items() for n in _field_types(c)]
-            bare = {d.split(".")[-1]: d for d in dotted}
-            close = [bare[n] for n in difflib.get_close_matches(key, bare, n=3, cutoff=0.5)]
-            raise ConfigError(
-                f"override {key!r}: unknown key; use section.key, closest: "
-                f"{', '.join(close) or 'none'}; sections: {', '.join(SECTIONS)}, or nproc"
-            )
-    return delta
-
-
-def resolve_config(
-    scale: str = "tiny",
-    intervention: str | list[str] = "baseline",
-    seed: int | None = None,
-    overrides: Mapping[str, Any] | list[str] | str | None = None,
-    nproc: int | str | None = None,
-) -> RunConfig:
-    """The validated config of one run.
-
-    ``scale`` is a name from :func:`list_scales` or a directory holding one of the series' runs
-    (``model.json`` + ``train.json``). ``intervention`` is ``"baseline"``, a name, or names joined
-    by ``+`` (applied in order; later ones win). ``overrides`` take dotted keys, as a dict
-    (``{"model.n_layers": 2}``) or a list (``["train.microbatch_size=4", "nproc=2"]``); string
-    values are read as YAML (``"4"`` -> 4, ``"null"`` -> None, ``"true"`` -> True).
-    """
-    cfg: dict[str, Any] = RunConfig().to_dict()
-    if not isinstance(scale, str) or not scale:
-        raise ConfigError(f"scale: expected a name, got {scale!r}")
-    scales = list_scales()
-    if scale in scales:
-        path = PARAMETERS_DIR / "scales" / f"{scale}.yaml"
-        _apply(cfg, _read_yaml(path), source=f"{_show(path)}: ", allow_nproc=True)
-        cfg["scale"] = scale
-    elif Path(scale).is_dir():
-        _import_series_run(Path(scale), cfg)
-        cfg["scale"] = Path(scale).resolve().name
-    else:
-        raise ConfigError(
-            f"unknown scale {scale!r}; allowed: {_ranked(scale, scales)} "
-            "(or a directory with the series' model.json + train.json)"
-        )
-
-    cfg["interventions"] = _split_interventions(intervention)
-    for name in cfg["interventions"]:
-        path = PARAMETERS_DIR / "interventions" / f"{name}.yaml"
-        _apply(cfg, _read_yaml(path), source=f"{_show(path)}: ", allow_nproc=False)
-
-    if seed is not None:
-        cfg["train"]["random_seed"] = _coerce("seed", seed, int, text=True)
-    if overrides:
-        _apply(cfg, _parse_overrides(overrides), source="overrides: ", allow_nproc=True, text=True)
-    if nproc is not None:
-        cfg["nproc"] = _coerce("nproc", nproc, int | str, text=True)
-    return _from_dict(cfg)
-
-
-def _from_dict(data: dict[str, Any]) -> RunConfig:
-    sections = {name: cls(**data[name]) for name, cls in SECTIONS.items()}
-    top = {k: data[k] for k in ("scale", "interventions", "nproc")}
-    return validate(RunConfig(**top, **sections))
-
-
-def load_config(path: str | Path) -> RunConfig:
-    """Read a ``config.yaml`` written by :meth:`RunConfig.to_yaml` and validate it again."""
-    path = Path(path)
-    data = _read_yaml(path)
-    source = f"{_show(path)}: "
-    top = [f.name for f in dataclasses.fields(RunConfig)]
-    for key in data:
-        if key not in top:
-            raise ConfigError(f"{source}unknown key {key!r}; allowed: {_ranked(str(key), top)}")
-    cfg = RunConfig().to_dict()
-    _apply(
-        cfg,
-        {k: v for k, v in data.items() if k in [*SECTIONS, "nproc"]},
-        source=source,
-        allow_nproc=True,
-    )
-    cfg["scale"] = data.get("scale", cfg["scale"])
-    cfg["interventions"] = data.get("interventions") or []
-    try:
-        return _from_dict(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}{e}") from None
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML to ``path`` atomically (temp file + rename); return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(cfg.to_yaml())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

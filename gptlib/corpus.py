@@ -28,13 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptlib.data import (
-    BUILTIN_PYTHON_STDLIB,
-    DataError,
-    default_cache_dir,
-    publish_dir,
-    tokenize_into,
-)
+from gptlib.data import DataError
+from gptlib.prepare import publish_dir, tokenize_into
+from gptlib.sources import BUILTIN_PYTHON_STDLIB, default_cache_dir
 from gptlib.tokenizer import train_bpe
 
 CORPUS_VERSION = 2  # bump when what the builder writes changes

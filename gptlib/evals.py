@@ -36,10 +36,12 @@ import torch
 
 from gptlib import checkpoint as ckpt
 from gptlib import rundir
-from gptlib.config import RunConfig, load_config
-from gptlib.data import BatchReader, DataError, TokenFile, open_tokenizer, resolve_dataset
+from gptlib.config import RunConfig
+from gptlib.data import BatchReader, DataError, TokenFile
 from gptlib.device import autocast_context, pick_device, resolve_precision
 from gptlib.model import GPTModel, load_weights
+from gptlib.presets import load_config
+from gptlib.sources import open_tokenizer, resolve_dataset
 from gptlib.tokenizer import Tokenizer
 
 __all__ = [

@@ -64,7 +64,7 @@ def machine(cpu: bool) -> dict[str, Any]:
         info.update(device=props.name, memory_gb=round(props.total_memory / 1e9, 1),
                     bf16=torch.cuda.is_bf16_supported(), nccl=torch.cuda.nccl.version())
     else:
-        from gptlib.bench import cpu_name
+        from gptlib.bench_workers import cpu_name
 
         info.update(device=cpu_name(), threads=torch.get_num_threads())
     return info

@@ -1,6 +1,6 @@
 """Hugging Face Hub: datasets in, a run's model out, any GPT-2 checkpoint in.
 
-* Datasets: ``dataset: hf:<owner>/<name>`` resolves in :func:`gptlib.data.resolve_dataset` (its two
+* Datasets: ``dataset: hf:<owner>/<name>`` resolves in :func:`gptlib.sources.resolve_dataset` (its two
   token files, downloaded once per machine into ``$GPTLIB_CACHE``; ``HF_HUB_OFFLINE`` honoured).
   :func:`download_dataset` is the same from a notebook.
 * Models out: :func:`publish_run` assembles ``model.safetensors``, ``config.json`` and a model card
@@ -29,20 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import (
-    ConfigError,
-    ModelConfig,
-    RunConfig,
-    _apply,
-    _from_dict,
-    load_config,
-    resolve_config,
-)
-from gptlib.data import DataError, _env_true, open_tokenizer, resolve_dataset
+from gptlib.config import ConfigError, ModelConfig, RunConfig, apply_delta, config_changes
+from gptlib.data import DataError
 from gptlib.device import pick_device, resolve_precision
 from gptlib.display import format_duration
 from gptlib.evals import EvalResult, evaluate_model
 from gptlib.model import GPTModel, count_parameters
+from gptlib.presets import load_config, resolve_config
+from gptlib.sources import env_true, open_tokenizer, resolve_dataset
 from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
 
 __all__ = [
@@ -83,7 +77,7 @@ def _first_line(error: BaseException) -> str:
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return bool(constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE")
+    return bool(constants.HF_HUB_OFFLINE) or env_true("HF_HUB_OFFLINE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +178,8 @@ def _model_config(values: dict[str, Any], source: str) -> ModelConfig:
     """A validated ModelConfig from model keys (unknown keys and bad values name ``source``)."""
     cfg = RunConfig().to_dict()
     try:
-        _apply(cfg, {"model": values}, source=f"{source}: ", allow_nproc=False)
-        return _from_dict(cfg).model
+        apply_delta(cfg, {"model": values}, source=f"{source}: ", allow_nproc=False)
+        return RunConfig.from_dict(cfg).model
     except ConfigError as e:
         raise HubError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
@@ -416,16 +410,6 @@ def _check_repo_id(repo_id: str) -> None:
         raise HubError(f"repo id {repo_id!r} must be <owner>/<name> (letters, digits, '-', '_', '.')")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _resolved_precision(precision: str, device_type: str) -> str:
     """``auto`` as the launcher resolved it on the run's device type, when this machine can tell
     (else ``auto`` stays); other precisions as they are."""
@@ -446,9 +430,8 @@ def config_diff(cfg: RunConfig, device_type: str = "cpu") -> list[tuple[str, Any
     except ConfigError:
         return None
     base.train.precision = _resolved_precision(base.train.precision, device_type)
-    ours, theirs = _flatten(cfg.to_dict()), _flatten(base.to_dict())
     skip = {"scale", "interventions", "nproc"}
-    return [(k, theirs.get(k), v) for k, v in ours.items() if k not in skip and theirs.get(k) != v]
+    return [change for change in config_changes(base, cfg) if change[0] not in skip]
 
 
 def _yaml_value(value: Any) -> str:

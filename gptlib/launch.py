@@ -25,11 +25,13 @@ import torch
 
 from gptlib import checkpoint as ckpt
 from gptlib import rundir
-from gptlib.config import ConfigError, RunConfig, check_world_size, load_config, resolve_config
-from gptlib.data import TokenFile, check_vocab_size, resolve_dataset, token_budget
+from gptlib.config import ConfigError, RunConfig, check_world_size, config_changes
+from gptlib.data import TokenFile, token_budget
 from gptlib.device import pick_device, resolve_precision
 from gptlib.model import GPTModel, count_parameters
 from gptlib.paths import OUTPUTS_DIR
+from gptlib.presets import load_config, resolve_config
+from gptlib.sources import check_vocab_size, resolve_dataset
 
 DEFAULT_OUTPUTS = OUTPUTS_DIR  # <repo>/outputs whatever the current directory
 TERMINATE_GRACE_S = 10
@@ -90,7 +92,7 @@ def prepare_run(
                               f"processes; resume it with --nproc {written_by}")
         stored = load_config(config_path)
         if stored.to_dict() != cfg.to_dict():
-            changed = sorted(_differences(stored.to_dict(), cfg.to_dict()))
+            changed = sorted(key for key, _, _ in config_changes(stored, cfg))
             raise ConfigError(f"cannot resume {run_dir}: its config.yaml differs in "
                               f"{', '.join(changed)}; resume with the same settings")
         return cfg, run_dir, world_size
@@ -180,17 +182,6 @@ def unlock_run_dir(run_dir: Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for key in keys:
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            out.append(prefix + key)
-    return out
 
 
 def torchrun_command(run_dir: Path, nproc: int, resume: str | None = None) -> list[str]:

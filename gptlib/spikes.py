@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import load_config
-from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset
+from gptlib.data import BatchReader, TokenFile
 from gptlib.evals import load_run
+from gptlib.presets import load_config
+from gptlib.sources import open_tokenizer, resolve_dataset
 
 
 @dataclass

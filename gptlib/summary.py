@@ -362,20 +362,11 @@ def seed_noise(df: pd.DataFrame) -> pd.DataFrame:
 
 def _delta_items(scale: str, group: str) -> frozenset:
     """The config changes an intervention (or `+` combination) makes to the scale's baseline."""
-    from gptlib.config import resolve_config
+    from gptlib.config import config_changes
+    from gptlib.presets import resolve_config
 
-    def flat(data: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in data.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            elif key not in ("interventions",):
-                out[prefix + key] = value
-        return out
-
-    base = flat(resolve_config(scale).to_dict())
-    mine = flat(resolve_config(scale, group).to_dict())
-    return frozenset((k, repr(v)) for k, v in mine.items() if base.get(k) != v)
+    changes = config_changes(resolve_config(scale), resolve_config(scale, group))
+    return frozenset((key, repr(new)) for key, _, new in changes if key != "interventions")
 
 
 def stacking_table(df: pd.DataFrame, scale: str) -> pd.DataFrame:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gptlib.config import ConfigError, list_interventions, resolve_config
+from gptlib.config import ConfigError
 from gptlib.display import format_duration
 from gptlib.launch import default_run_dir
 from gptlib.paths import OUTPUTS_DIR, SUMMARY_NOTEBOOK, TRAIN_NOTEBOOK
+from gptlib.presets import list_interventions, resolve_config
 from gptlib.rundir import read_summary
 
 __all__ = ["PlannedRun", "RunOutcome", "parse_interventions", "plan", "render_notebook", "sweep",

@@ -32,14 +32,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptlib import checkpoint as ckpt
 from gptlib import rundir
-from gptlib.config import RunConfig, check_world_size, load_config
-from gptlib.data import BatchReader, TokenFile, open_tokenizer, resolve_dataset, token_budget
+from gptlib.config import RunConfig, check_world_size
+from gptlib.data import BatchReader, TokenFile, token_budget
 from gptlib.device import autocast_context, pick_device, resolve_precision, use_compile
 from gptlib.display import format_duration
 from gptlib.lifeline import hold_writer_lock
 from gptlib.metrics import MetricsLog, SpikeDetector, StepStats, peak_flops
 from gptlib.model import GPTModel, count_parameters, flops_per_token
 from gptlib.optim import build_optimizer, lr_at, set_lr
+from gptlib.presets import load_config
+from gptlib.sources import open_tokenizer, resolve_dataset
 
 
 class TrainingError(RuntimeError):

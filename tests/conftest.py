@@ -42,7 +42,7 @@ def python_stdlib(isolated_cache: None) -> tuple[Path, str]:
     import contextlib
     import io
 
-    from gptlib.data import resolve_dataset
+    from gptlib.sources import resolve_dataset
 
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):

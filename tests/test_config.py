@@ -13,19 +13,8 @@ from typing import Any
 import pytest
 
 from gptlib import config
-from gptlib.config import (
-    ConfigError,
-    EvalConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    check_world_size,
-    list_interventions,
-    list_scales,
-    load_config,
-    resolve_config,
-    save_config,
-)
+from gptlib.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig, check_world_size
+from gptlib.presets import list_interventions, list_scales, load_config, resolve_config, save_config
 
 SCALES = ["gpt2-small-1gpu", "gpt2-small-8xa100", "tiny"]
 INTERVENTIONS = [
@@ -328,7 +317,7 @@ def test_parameters_dir_follows_the_environment(tmp_path: Path) -> None:
     scales = tmp_path / "scales"
     scales.mkdir()
     (scales / "mine.yaml").write_text("nproc: 1\n")
-    code = "from gptlib.config import list_scales; print(list_scales())"
+    code = "from gptlib.presets import list_scales; print(list_scales())"
     env = {**os.environ, "GPTLIB_PARAMETERS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "['mine']", out.stderr

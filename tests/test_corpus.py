@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from gptlib import corpus
-from gptlib.config import resolve_config
-from gptlib.data import open_tokenizer, resolve_dataset, token_budget
+from gptlib.data import token_budget
+from gptlib.presets import resolve_config
+from gptlib.sources import open_tokenizer, resolve_dataset
 from gptlib.tokenizer import BPETokenizer, dataset_tokenizer
 
 

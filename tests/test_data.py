@@ -15,20 +15,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-import gptlib.data as data
-from gptlib.data import (
-    BatchReader,
-    DataError,
-    TokenFile,
-    check_vocab_size,
-    dataset_split,
-    global_batch_tokens,
-    open_tokenizer,
-    prepare_dataset,
-    resolve_dataset,
-    token_budget,
-    write_token_file,
-)
+from gptlib import prepare, sources
+from gptlib.data import BatchReader, DataError, TokenFile, global_batch_tokens, token_budget, write_token_file
+from gptlib.prepare import prepare_dataset
+from gptlib.sources import check_vocab_size, dataset_split, open_tokenizer, resolve_dataset
 from gptlib.tokenizer import EOT_TOKEN, BPETokenizer, dataset_tokenizer, decode, encode
 
 # ---------------------------------------------------------------------------------------------
@@ -396,9 +386,9 @@ def test_publish_keeps_the_first_finished_build(tmp_path: Path) -> None:
     for directory, text in ((theirs, "theirs"), (ours, "ours")):
         directory.mkdir()
         (directory / "meta.json").write_text(text)
-    data.publish_dir(ours, theirs)
+    prepare.publish_dir(ours, theirs)
     assert (theirs / "meta.json").read_text() == "theirs"
-    data.publish_dir(ours, tmp_path / "fresh")
+    prepare.publish_dir(ours, tmp_path / "fresh")
     assert (tmp_path / "fresh" / "meta.json").read_text() == "ours"
 
 
@@ -566,7 +556,7 @@ def test_prepare_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GPTLIB_CACHE", str(tmp_path))
-    assert data.default_cache_dir() == tmp_path
+    assert sources.default_cache_dir() == tmp_path
     monkeypatch.delenv("GPTLIB_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert data.default_cache_dir() == tmp_path / ".cache" / "gptlib"
+    assert sources.default_cache_dir() == tmp_path / ".cache" / "gptlib"

@@ -18,10 +18,11 @@ import yaml
 from runs import micro
 from safetensors.torch import load_file, save_file
 
-from gptlib import config, evals, hub
+from gptlib import config, evals, hub, presets
 from gptlib.config import ModelConfig
-from gptlib.data import DataError, dataset_split, resolve_dataset
+from gptlib.data import DataError
 from gptlib.model import GPTModel
+from gptlib.sources import dataset_split, resolve_dataset
 
 FAKE_TOKEN = "hf_gptlibTestTokenThatMustNeverBeWritten42"
 DATASET_REPO = "someone/sentences"
@@ -367,7 +368,7 @@ def test_clear_one_line_errors(tmp_path: Path) -> None:
     (series / "model.json").write_text(json.dumps({"emb_dim": 32, "n_heads": 2, "n_layers": 2,
                                                    "context_length": 16}))
     with pytest.raises(DataError, match="context length 16, shorter than the 1024-token windows"):
-        evals.evaluate_model(hub.load_model(series), config.resolve_config("gpt2-small-1gpu"))
+        evals.evaluate_model(hub.load_model(series), presets.resolve_config("gpt2-small-1gpu"))
 
 
 def test_a_fitted_bpe_travels_with_the_run_and_its_published_folder(tmp_path: Path) -> None:

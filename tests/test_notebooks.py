@@ -165,7 +165,7 @@ def test_sweep_reports_a_failed_run_and_still_renders_the_summary(
 
 
 def test_sweep_checks_every_run_before_starting(tmp_path: Path) -> None:
-    from gptlib.config import list_interventions
+    from gptlib.presets import list_interventions
     from gptlib.sweep import parse_interventions, plan
 
     names = parse_interventions("all")

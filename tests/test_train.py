@@ -63,7 +63,7 @@ def test_two_processes_equal_one_process_with_accumulation(dataset: Path, tmp_pa
 
 
 def GPTModel_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    from gptlib.config import load_config
+    from gptlib.presets import load_config
 
     cfg = load_config(run_dir / "config.yaml")
     torch.manual_seed(cfg.train.random_seed)

@@ -1,0 +1,276 @@
+"""Building a run configuration: the YAML presets, a series run folder, overrides; config.yaml.
+
+A run is one *scale* (``parameters/scales/<name>.yaml``: model shape, dataset, token budget, batch,
+precision) plus zero or more *interventions* (``parameters/interventions/<name>.yaml``: a small
+delta each), a seed and explicit overrides, applied in that order on top of the dataclass defaults
+(gptlib.config). Every problem raises ConfigError with a one-line message that names the bad key,
+value or file and lists what is allowed, closest match first -- before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptlib import config
+from gptlib.config import (
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    apply_delta,
+    closest_first,
+    coerce,
+    field_types,
+    one_line,
+    set_key,
+    short_path,
+)
+
+
+def list_scales() -> list[str]:
+    """Scale names: the file stems of ``parameters/scales/*.yaml``."""
+    return sorted(p.stem for p in (config.PARAMETERS_DIR / "scales").glob("*.yaml"))
+
+
+def list_interventions() -> list[str]:
+    """Intervention names: the file stems of ``parameters/interventions/*.yaml``."""
+    return sorted(p.stem for p in (config.PARAMETERS_DIR / "interventions").glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path`` ({} for an empty file); a parse error names the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{short_path(path)}: invalid YAML: {one_line(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{short_path(path)}: cannot read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{short_path(path)}: expected a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Importing one of the series' run directories (runs/<name>/model.json + train.json)
+
+# Series train.json keys whose name differs here; keys equal to a TrainConfig field map as they are.
+SERIES_TRAIN_KEYS = {
+    "minibatch_size": "microbatch_size",  # the early name
+    "validation_interval": "checkpoint_interval",  # the early name
+}
+# In-training validation knobs of the series; gptlib measures test loss once, at the end (eval.*).
+SERIES_IGNORED_KEYS = ("start_val_token", "validation_batches")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(
+            f"{short_path(path)}: missing; a series run directory holds model.json and train.json"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{short_path(path)}: invalid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{short_path(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Apply a series run directory's model.json and train.json to ``cfg``."""
+    model_file, train_file = run_dir / "model.json", run_dir / "train.json"
+    model_json, train_json = _read_json(model_file), _read_json(train_file)
+    apply_delta(cfg, {"model": model_json}, source=f"{short_path(model_file)}: ", allow_nproc=False)
+
+    source = f"{short_path(train_file)}: "
+    train_fields = field_types(TrainConfig)
+    allowed = sorted({*train_fields, *SERIES_TRAIN_KEYS, *SERIES_IGNORED_KEYS, "use_amp"})
+    for key, value in train_json.items():
+        if key in SERIES_IGNORED_KEYS:
+            continue
+        if key == "use_amp":
+            use_amp = coerce(f"{source}use_amp", value, bool)
+            cfg["train"]["precision"] = "fp16" if use_amp else "fp32"
+            continue
+        if key == "dataset" and isinstance(value, str) and ":" not in value:
+            value = f"hf:{value}"  # the series downloads every dataset from the HF Hub
+        name = SERIES_TRAIN_KEYS.get(key, key)
+        if name not in train_fields:
+            raise ConfigError(f"{source}unknown key {key!r}; allowed: {closest_first(key, allowed)}")
+        set_key(cfg, "train", name, value, source=source)
+
+    # "8xa100m40-baseline": 8 processes, and the series' global batch follows from that.
+    match = re.match(r"(\d+)x", run_dir.name)
+    if match:
+        cfg["nproc"] = int(match.group(1))
+        t = cfg["train"]
+        t["global_batch_size"] = (
+            t["microbatch_size"] * cfg["nproc"] * t["gradient_accumulation_steps"]
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution: defaults -> scale -> interventions -> seed -> overrides -> nproc
+
+
+def _split_interventions(intervention: str | list[str]) -> list[str]:
+    """``"a+b"`` or ``["a", "b+c"]`` -> validated names, ``baseline`` dropped when combined."""
+    spec = [intervention] if isinstance(intervention, str) else list(intervention)
+    names: list[str] = []
+    for part in spec:
+        if not isinstance(part, str):
+            raise ConfigError(f"intervention: expected a name, got {part!r}")
+        names += [n.strip() for n in part.split("+")]
+    text = "+".join(spec)
+    if not names or any(not n for n in names):
+        raise ConfigError(
+            f"intervention {text!r}: empty name; join names with '+', e.g. "
+            "gradient-clipping+no-dropout"
+        )
+    valid = sorted({*list_interventions(), "baseline"})
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"unknown intervention {name!r}; allowed: {closest_first(name, valid)}")
+        if names.count(name) > 1:
+            raise ConfigError(f"intervention {name!r} is given more than once in {text!r}")
+    return [n for n in names if n != "baseline"]
+
+
+def _parse_overrides(overrides: Mapping[str, Any] | list[str] | str) -> dict[str, Any]:
+    """Overrides as ``{section: {key: value}}`` (plus ``nproc``), from dotted keys."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, str):
+        parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
+        overrides = parsed if isinstance(parsed, dict) else overrides.split()
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(
+                    f"override {item!r}: expected key=value, e.g. model.n_layers=2 or nproc=2"
+                )
+            key, value = item.split("=", 1)
+            items.append((key.strip(), value.strip()))
+
+    delta: dict[str, Any] = {}
+    for key, value in items:
+        key = str(key)
+        if key in SECTIONS and isinstance(value, Mapping):
+            delta.setdefault(key, {}).update(value)
+        elif key in SECTIONS or key == "nproc":
+            delta[key] = value
+        elif "." in key:
+            section, name = key.split(".", 1)
+            delta.setdefault(section, {})[name] = value
+        else:
+            dotted = ["nproc"] + [f"{s}.{n}" for s, c in SECTIONS.items() for n in field_types(c)]
+            bare = {d.split(".")[-1]: d for d in dotted}
+            close = [bare[n] for n in difflib.get_close_matches(key, bare, n=3, cutoff=0.5)]
+            raise ConfigError(
+                f"override {key!r}: unknown key; use section.key, closest: "
+                f"{', '.join(close) or 'none'}; sections: {', '.join(SECTIONS)}, or nproc"
+            )
+    return delta
+
+
+def resolve_config(
+    scale: str = "tiny",
+    intervention: str | list[str] = "baseline",
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | list[str] | str | None = None,
+    nproc: int | str | None = None,
+) -> RunConfig:
+    """The validated config of one run.
+
+    ``scale`` is a name from :func:`list_scales` or a directory holding one of the series' runs
+    (``model.json`` + ``train.json``). ``intervention`` is ``"baseline"``, a name, or names joined
+    by ``+`` (applied in order; later ones win). ``overrides`` take dotted keys, as a dict
+    (``{"model.n_layers": 2}``) or a list (``["train.microbatch_size=4", "nproc=2"]``); string
+    values are read as YAML (``"4"`` -> 4, ``"null"`` -> None, ``"true"`` -> True).
+    """
+    cfg: dict[str, Any] = RunConfig().to_dict()
+    if not isinstance(scale, str) or not scale:
+        raise ConfigError(f"scale: expected a name, got {scale!r}")
+    scales = list_scales()
+    if scale in scales:
+        path = config.PARAMETERS_DIR / "scales" / f"{scale}.yaml"
+        apply_delta(cfg, _read_yaml(path), source=f"{short_path(path)}: ", allow_nproc=True)
+        cfg["scale"] = scale
+    elif Path(scale).is_dir():
+        _import_series_run(Path(scale), cfg)
+        cfg["scale"] = Path(scale).resolve().name
+    else:
+        raise ConfigError(
+            f"unknown scale {scale!r}; allowed: {closest_first(scale, scales)} "
+            "(or a directory with the series' model.json + train.json)"
+        )
+
+    cfg["interventions"] = _split_interventions(intervention)
+    for name in cfg["interventions"]:
+        path = config.PARAMETERS_DIR / "interventions" / f"{name}.yaml"
+        apply_delta(cfg, _read_yaml(path), source=f"{short_path(path)}: ", allow_nproc=False)
+
+    if seed is not None:
+        cfg["train"]["random_seed"] = coerce("seed", seed, int, text=True)
+    if overrides:
+        apply_delta(cfg, _parse_overrides(overrides), source="overrides: ", allow_nproc=True, text=True)
+    if nproc is not None:
+        cfg["nproc"] = coerce("nproc", nproc, int | str, text=True)
+    return RunConfig.from_dict(cfg)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a ``config.yaml`` written by :meth:`RunConfig.to_yaml` and validate it again."""
+    path = Path(path)
+    data = _read_yaml(path)
+    source = f"{short_path(path)}: "
+    top = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in data:
+        if key not in top:
+            raise ConfigError(f"{source}unknown key {key!r}; allowed: {closest_first(str(key), top)}")
+    cfg = RunConfig().to_dict()
+    apply_delta(
+        cfg,
+        {k: v for k, v in data.items() if k in [*SECTIONS, "nproc"]},
+        source=source,
+        allow_nproc=True,
+    )
+    cfg["scale"] = data.get("scale", cfg["scale"])
+    cfg["interventions"] = data.get("interventions") or []
+    try:
+        return RunConfig.from_dict(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{source}{e}") from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML to ``path`` atomically (temp file + rename); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(cfg.to_yaml())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
