@@ -2,7 +2,6 @@
 
 * Datasets: ``dataset: hf:<owner>/<name>`` resolves in :func:`gptlib.sources.resolve_dataset` (its two
   token files, downloaded once per machine into ``$GPTLIB_CACHE``; ``HF_HUB_OFFLINE`` honoured).
-  :func:`download_dataset` is the same from a notebook.
 * Models out: :func:`publish_run` assembles ``model.safetensors``, ``config.json`` and a model card
   ``README.md`` from a run directory and uploads the folder (``gptlib publish``).
 * Models in: :func:`load_model` builds a :class:`~gptlib.model.GPTModel` from a local folder or a
@@ -36,12 +35,11 @@ from gptlib.display import format_duration
 from gptlib.evals import EvalResult, evaluate_model
 from gptlib.model import GPTModel, count_parameters
 from gptlib.presets import load_config, resolve_config
-from gptlib.sources import env_true, open_tokenizer, resolve_dataset
+from gptlib.sources import env_true, open_tokenizer
 from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
 
 __all__ = [
     "HubError",
-    "download_dataset",
     "load_model",
     "model_folder",
     "detect_layout",
@@ -78,16 +76,6 @@ def _offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or env_true("HF_HUB_OFFLINE")
-
-
-# ---------------------------------------------------------------------------------------------
-# Datasets in
-# ---------------------------------------------------------------------------------------------
-
-
-def download_dataset(repo_id: str, cache_dir: Path | None = None) -> Path:
-    """The directory of dataset ``hf:<repo_id>`` (downloaded into ``$GPTLIB_CACHE`` if needed)."""
-    return resolve_dataset(f"hf:{repo_id.removeprefix('hf:')}", cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
