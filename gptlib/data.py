@@ -256,6 +256,12 @@ class BatchReader:
         first = self.block_index(step, accum, rank) * self.microbatch_size
         return list(range(first, first + self.microbatch_size))
 
+    def step_windows(self, step: int) -> dict[str, list[int]]:
+        """Every rank's context windows of optimizer step `step`, keyed by rank (spikes.json)."""
+        return {str(rank): [w for accum in range(self.gradient_accumulation_steps)
+                            for w in self.window_indices(step, accum, rank)]
+                for rank in range(self.world_size)}
+
     def window_tokens(self, window: int) -> torch.Tensor:
         """The context_length + 1 tokens of window `window` (inputs plus the last target)."""
         if window < 0:

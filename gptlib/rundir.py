@@ -51,8 +51,7 @@ def merge_summary(run_dir: str | Path, values: dict) -> None:
 
 def read_status(run_dir: str | Path) -> str:
     """summary.json's status, or "no summary"."""
-    path = Path(run_dir) / SUMMARY
-    summary = read_json(path) if path.exists() else None
+    summary = read_json(Path(run_dir) / SUMMARY)
     return summary.get("status", "unknown") if isinstance(summary, dict) else "no summary"
 
 

@@ -249,10 +249,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     )
 
     checkpointer = Checkpointer(run_dir, cfg, ctx, precision)
-    windows = lambda s: {str(r): [w for a in range(ga) for w in reader.window_indices(s, a, r)]  # noqa: E731
-                         for r in range(ctx.world_size)}
     log = MetricsLog(run_dir, ctx.rank, ctx.world_size, tokens_per_step,
-                     SpikeDetector(t.spike_window, t.spike_threshold), windows, start_step, bool(resume))
+                     SpikeDetector(t.spike_window, t.spike_threshold), reader.step_windows, start_step,
+                     bool(resume))
     if ctx.rank == 0:
         rundir.merge_summary(run_dir, {
             "status": "running", "error": None, "run_name": cfg.run_name, "scale": cfg.scale,
