@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from gptlib.hub import publish_run
+    from gptlib.publish import publish_run
 
     folder = publish_run(args.run_dir, args.repo_id, args.checkpoint, args.private, args.dry_run, args.out)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))

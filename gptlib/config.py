@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from gptlib.paths import REPO_ROOT
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 PARAMETERS_DIR = Path(
-    os.environ.get("GPTLIB_PARAMETERS", Path(__file__).resolve().parent.parent / "parameters")
+    os.environ.get("GPTLIB_PARAMETERS", REPO_ROOT / "parameters")
 )
 PRECISIONS = ("fp16", "bf16", "fp32", "auto")
 DEVICES = ("auto", "cpu", "cuda")
@@ -168,14 +170,6 @@ def closest_first(word: str, names: Iterable[str]) -> str:
     names = list(names)
     close = difflib.get_close_matches(word, names, n=len(names), cutoff=0.5)
     return ", ".join(close + sorted(n for n in names if n not in close))
-
-
-def short_path(path: Path) -> str:
-    """A short form of a path for messages (relative to the repo when inside it)."""
-    try:
-        return str(path.resolve().relative_to(PARAMETERS_DIR.resolve().parent))
-    except ValueError:
-        return str(path)
 
 
 def one_line(text: object) -> str:

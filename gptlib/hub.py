@@ -1,41 +1,33 @@
-"""Hugging Face Hub: datasets in, a run's model out, any GPT-2 checkpoint in.
+"""Models in: any GPT-2-style checkpoint, from a folder or the Hugging Face Hub.
 
-* Datasets: ``dataset: hf:<owner>/<name>`` resolves in :func:`gptlib.sources.resolve_dataset` (its two
-  token files, downloaded once per machine into ``$GPTLIB_CACHE``; ``HF_HUB_OFFLINE`` honoured).
-* Models out: :func:`publish_run` assembles ``model.safetensors``, ``config.json`` and a model card
-  ``README.md`` from a run directory and uploads the folder (``gptlib publish``).
-* Models in: :func:`load_model` builds a :class:`~gptlib.model.GPTModel` from a local folder or a
-  Hub repo holding this project's layout, the series' layout (``model.json``) or the Hugging Face
-  ``gpt2`` transformers layout (OpenAI's GPT-2 weights), detected from the files.
+(Datasets come in through :func:`gptlib.sources.resolve_dataset`; a run's model goes out through
+:mod:`gptlib.publish`.) :func:`load_model` builds a :class:`~gptlib.model.GPTModel` from a local
+folder or a Hub repo holding this project's layout, the series' layout (``model.json``) or the
+Hugging Face ``gpt2`` transformers layout (OpenAI's GPT-2 weights), detected from the files.
 
-A token comes only from the environment (``HF_TOKEN``) or ``hf auth login``: no function here takes
-one, and none is ever written to a file.
+A token comes only from the environment (``HF_TOKEN``) or ``hf auth login``: no function takes one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import ConfigError, ModelConfig, RunConfig, apply_delta, config_changes
+from gptlib.config import ConfigError, ModelConfig, RunConfig, apply_delta
 from gptlib.data import DataError
-from gptlib.device import pick_device, resolve_precision
-from gptlib.display import format_duration
+from gptlib.device import pick_device
 from gptlib.evals import EvalResult, evaluate_model
-from gptlib.model import GPTModel, count_parameters
+from gptlib.model import GPTModel
 from gptlib.presets import load_config, resolve_config
-from gptlib.sources import env_true, open_tokenizer
+from gptlib.rundir import read_json_object
+from gptlib.sources import hf_offline, open_tokenizer
 from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
 
 __all__ = [
@@ -46,11 +38,8 @@ __all__ = [
     "gpt2_model_config",
     "gpt2_state_dict",
     "evaluate_source",
-    "build_folder",
-    "model_card",
-    "publish_run",
     "load_tokenizer",
-    "upload",
+    "build_model",
 ]
 
 WEIGHTS = "model.safetensors"
@@ -58,9 +47,7 @@ SHARD_INDEX = "model.safetensors.index.json"
 # What a model download fetches: the config files of every layout and the safetensors weights.
 MODEL_PATTERNS = ["config.json", "model.json", "config.yaml", WEIGHTS, SHARD_INDEX, "model-*.safetensors",
                   BPE_FILE]
-PUBLISH_FILES = ("model.safetensors", "config.json", "README.md", "loss.png", "loss.html", BPE_FILE)
 GPTLIB_MODEL_TYPE = "gptlib"
-PROJECT_URL = "https://github.com/gpjt/ddp-base-model-from-scratch"  # the series' code
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 
 
@@ -68,14 +55,8 @@ class HubError(DataError):
     """A model source or Hub transfer that cannot work: says which file or repo and why."""
 
 
-def _first_line(error: BaseException) -> str:
+def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or env_true("HF_HUB_OFFLINE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,33 +79,23 @@ def model_folder(source: str | Path, revision: str | None = None, cache_dir: Pat
         raise HubError(f"model source {text!r} is neither an existing folder nor a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    offline = _offline()
+    cache_only = hf_offline()
     try:
         folder = snapshot_download(
             repo_id=repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=MODEL_PATTERNS,
-            local_files_only=offline,
+            local_files_only=cache_only,
         )
     except Exception as e:
-        if offline:
+        if cache_only:
             raise HubError(
                 f"model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
                 f"download it while online (hf download {repo_id} config.json model.safetensors) "
                 "or unset HF_HUB_OFFLINE (no local folder of that name either)"
             ) from e
         raise HubError(
-            f"could not download model {repo_id} (no local folder of that name either): {_first_line(e)}"
+            f"could not download model {repo_id} (no local folder of that name either): {error_line(e)}"
         ) from e
     return Path(folder)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise HubError(f"{path}: not readable JSON ({_first_line(e)})") from e
-    if not isinstance(data, dict):
-        raise HubError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _is_checkpoint_dir(folder: Path) -> bool:
@@ -142,7 +113,7 @@ def detect_layout(folder: Path) -> str:
     if _is_checkpoint_dir(folder):
         return "checkpoint"
     if (folder / "config.json").is_file():
-        model_type = _read_json(folder / "config.json").get("model_type", GPTLIB_MODEL_TYPE)
+        model_type = read_json_object(folder / "config.json", HubError).get("model_type", GPTLIB_MODEL_TYPE)
         if model_type == "gpt2":
             return "gpt2"
         if model_type == GPTLIB_MODEL_TYPE:
@@ -178,7 +149,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / WEIGHTS).is_file():
             return load_file(str(folder / WEIGHTS))
         if (folder / SHARD_INDEX).is_file():
-            shards = sorted(set(_read_json(folder / SHARD_INDEX).get("weight_map", {}).values()))
+            index = read_json_object(folder / SHARD_INDEX, HubError)
+            shards = sorted(set(index.get("weight_map", {}).values()))
             if any(Path(str(shard)).name != shard for shard in shards):
                 raise HubError(f"{folder / SHARD_INDEX}: shard names must be file names in {folder}")
             state: dict[str, torch.Tensor] = {}
@@ -186,7 +158,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 state.update(load_file(str(folder / shard)))
             return state
     except (OSError, SafetensorError) as e:
-        raise HubError(f"{folder}: cannot read the safetensors weights ({_first_line(e)})") from e
+        raise HubError(f"{folder}: cannot read the safetensors weights ({error_line(e)})") from e
     pickles = [p.name for p in folder.glob("*.bin")]
     hint = f" (only {', '.join(pickles)}: convert it to safetensors)" if pickles else ""
     raise HubError(f"{folder}: no {WEIGHTS}{hint}")
@@ -218,7 +190,7 @@ def _load_state(model: GPTModel, state: dict[str, torch.Tensor], source: str) ->
     return model
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> GPTModel:
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> GPTModel:
     with torch.random.fork_rng(devices=[]):  # building the model leaves the global RNG alone
         model = GPTModel(cfg)
     return _load_state(model, state, source)
@@ -318,25 +290,26 @@ def _load_folder(folder: Path, layout: str, checkpoint: str) -> GPTModel:
         cfg = load_config(folder / "config.yaml")
         path = ckpt.resolve_checkpoint(folder, checkpoint)
         ckpt.verify_checkpoint(path)
-        return _build(cfg.model, _read_weights(path), str(path))
+        return build_model(cfg.model, _read_weights(path), str(path))
     if layout == "checkpoint":
         ckpt.verify_checkpoint(folder)
         cfg = load_config(folder.parent.parent / "config.yaml")
-        return _build(cfg.model, _read_weights(folder), str(folder))
+        return build_model(cfg.model, _read_weights(folder), str(folder))
     state = _read_weights(folder)
     if layout == "gpt2":
-        model_cfg = gpt2_model_config(_read_json(folder / "config.json"), str(folder / "config.json"))
-        return _build(model_cfg, gpt2_state_dict(state, model_cfg, str(folder / WEIGHTS)), str(folder))
+        config_file = folder / "config.json"
+        model_cfg = gpt2_model_config(read_json_object(config_file, HubError), str(config_file))
+        return build_model(model_cfg, gpt2_state_dict(state, model_cfg, str(folder / WEIGHTS)), str(folder))
     if layout == "series":
-        values = _read_json(folder / "model.json")
+        values = read_json_object(folder / "model.json", HubError)
         if "tie_weights" not in values and _tied_from_file(state):
             values["tie_weights"] = True
-        return _build(_model_config(values, str(folder / "model.json")), state, str(folder))
+        return build_model(_model_config(values, str(folder / "model.json")), state, str(folder))
     if (folder / "config.json").is_file():  # gptlib publish
-        values = _read_json(folder / "config.json")
+        values = read_json_object(folder / "config.json", HubError)
         values.pop("model_type", None)
-        return _build(_model_config(values, str(folder / "config.json")), state, str(folder))
-    return _build(load_config(folder / "config.yaml").model, state, str(folder))
+        return build_model(_model_config(values, str(folder / "config.json")), state, str(folder))
+    return build_model(load_config(folder / "config.yaml").model, state, str(folder))
 
 
 def load_model(
@@ -350,7 +323,7 @@ def load_model(
 
     The folder holds one of: a gptlib run directory (``checkpoint`` picks best / latest /
     step-N) or one of its checkpoint directories; ``model.safetensors`` + ``config.json`` from
-    :func:`publish_run`; the series' ``model.json`` + ``model.safetensors`` (book names, the
+    :func:`gptlib.publish.publish_run`; the series' ``model.json`` + ``model.safetensors`` (book names, the
     book's ``att.mask`` buffers ignored); or a transformers GPT-2 ``config.json`` +
     ``model.safetensors`` (OpenAI's ``openai-community/gpt2`` and its kin), converted. Building the
     model does not consume the global RNG.
@@ -391,256 +364,3 @@ def evaluate_source(
 # ---------------------------------------------------------------------------------------------
 # Models out: a run -> folder (weights, config.json, model card) -> the Hub
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_repo_id(repo_id: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or ".." in repo_id:
-        raise HubError(f"repo id {repo_id!r} must be <owner>/<name> (letters, digits, '-', '_', '.')")
-
-
-def _resolved_precision(precision: str, device_type: str) -> str:
-    """``auto`` as the launcher resolved it on the run's device type, when this machine can tell
-    (else ``auto`` stays); other precisions as they are."""
-    if precision != "auto" or (device_type == "cuda" and not torch.cuda.is_available()):
-        return precision
-    try:
-        return resolve_precision(precision, torch.device(device_type))
-    except Exception:  # an unknown device type
-        return precision
-
-
-def config_diff(cfg: RunConfig, device_type: str = "cpu") -> list[tuple[str, Any, Any]] | None:
-    """(key, baseline value, run value) for every model/train/eval setting of ``cfg`` that differs
-    from its scale's baseline (precision ``auto`` resolved for ``device_type`` as the launcher
-    does); None when the scale is not a preset of this checkout."""
-    try:
-        base = resolve_config(cfg.scale)
-    except ConfigError:
-        return None
-    base.train.precision = _resolved_precision(base.train.precision, device_type)
-    skip = {"scale", "interventions", "nproc"}
-    return [change for change in config_changes(base, cfg) if change[0] not in skip]
-
-
-def _yaml_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _png(fig: Any) -> tuple[bytes | None, str | None]:
-    """(PNG bytes, None) through plotly's static exporter, or (None, why it is unavailable)."""
-    if importlib.util.find_spec("kaleido") is None:
-        return None, "the static image exporter kaleido is not installed"
-    try:
-        return fig.to_image(format="png", width=1000, height=460), None
-    except Exception as e:  # e.g. kaleido without the browser it drives
-        return None, f"static image export failed: {_first_line(e)}"
-
-
-def _chart(run_dir: Path, folder: Path) -> str:
-    """Write loss.png or, when no PNG can be made, loss.html; returns the card's markdown for it."""
-    from gptlib.charts import loss_chart
-
-    if not (run_dir / "metrics.jsonl").is_file():
-        return "No chart: the run directory has no metrics.jsonl."
-    fig = loss_chart(run_dir)
-    png, why = _png(fig)
-    if png is None:
-        fig.write_html(folder / "loss.html", include_plotlyjs="cdn", include_mathjax=False)
-        return f"No PNG here ({why}); the interactive chart is [loss.html](loss.html)."
-    (folder / "loss.png").write_bytes(png)
-    return "![Training loss: per step, checkpoint-period min-max band and average](loss.png)"
-
-
-def _num(value: Any, spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
-def model_card(repo_id: str, checkpoint: str, cfg: RunConfig, summary: dict[str, Any],
-               n_params: int, chart: str, tokenizer: Tokenizer | None = None) -> str:
-    """The README.md of a published run: what was trained, how it did, how to load it."""
-    m, t = cfg.model, cfg.train
-    tokenizer = GPT2Tokenizer() if tokenizer is None else tokenizer
-    fitted = isinstance(tokenizer, BPETokenizer)
-    tokenizer_note = " (fitted to the training data; `tokenizer.json` in this repo)" if fitted else ""
-    files_note = f" and `{BPE_FILE}` (the tokenizer, Hugging Face `tokenizers` format)" if fitted else ""
-    names = " + ".join(cfg.interventions) or "none (the scale's baseline)"
-    dataset = t.dataset.removeprefix("hf:") if t.dataset.startswith("hf:") else None
-    front = {"library_name": "gptlib", "pipeline_tag": "text-generation",
-             "tags": ["gptlib", "gpt2", "from-scratch", *cfg.interventions]}
-    if dataset:
-        front["datasets"] = [dataset]
-    evaluated = summary.get("eval_checkpoint")
-    test = "not measured yet (run `gptlib eval RUN_DIR` before publishing)"
-    if summary.get("test_loss") is not None:
-        test = (f"{summary['test_loss']:.6f} (checkpoint {evaluated}, "
-                f"{_num(summary.get('eval_batches'), ',')} batches, {_num(summary.get('eval_tokens'), ',')} "
-                f"tokens, {summary.get('eval_precision', '?')})")
-        if evaluated != checkpoint:
-            test += f"; the published weights are {checkpoint}"
-    wall = summary.get("wall_time_s")
-    rows = [
-        ("Test loss", test),
-        ("Final train loss", _num(summary.get("final_train_loss"), ".3f")),
-        ("Tokens seen", _num(summary.get("tokens_seen"), ",")),
-        ("Wall time", "n/a" if wall is None else f"{wall:.2f} s ({format_duration(wall)})"),
-        ("Throughput", _num(summary.get("tokens_per_s"), ",.0f", " tokens/s")),
-        ("MFU", "n/a" if summary.get("mfu") is None else f"{100 * summary['mfu']:.1f}%"),
-        ("Hardware", f"world size {summary.get('world_size', '?')}, device {summary.get('device', '?')} "
-                     f"(rank 0), precision {summary.get('precision', t.precision)}"),
-        ("Best checkpoint", f"step-{summary['best_step']}" if summary.get("best_step") else "n/a"),
-        ("Loss spikes / skipped steps", f"{summary.get('spike_count', 'n/a')} / "
-                                        f"{summary.get('skipped_steps', 'n/a')}"),
-        ("Run status", str(summary.get("status", "unknown"))),
-    ]
-    diff = config_diff(cfg, str(summary.get("device", "cpu")).split(":")[0])
-    if diff is None:
-        changes = f"Scale `{cfg.scale}` is not a preset of this checkout, so no baseline to compare."
-    elif not diff:
-        changes = f"None: this is the `{cfg.scale}` baseline configuration."
-    else:
-        changes = "| setting | baseline | this run |\n|---|---|---|\n" + "\n".join(
-            f"| `{k}` | `{_yaml_value(b)}` | `{_yaml_value(v)}` |" for k, b, v in diff)
-    versions = summary.get("versions") or {}
-    software = ", ".join(f"{k} {v}" for k, v in versions.items() if v) or "unknown"
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# {repo_id.split('/')[-1]}
-
-A GPT-2-style base model trained from scratch with **gptlib**, which reproduces Giles Thomas's
-"Writing an LLM from scratch, part 32" interventions series ([code]({PROJECT_URL})) on the
-`GPTModel` of Sebastian Raschka's *Build a Large Language Model (from Scratch)*.
-
-- Run: `{cfg.scale}/{cfg.run_name}`; interventions: {names}; seed {t.random_seed}
-- Model: {n_params:,} parameters; {m.n_layers} layers, {m.n_heads} heads, embedding {m.emb_dim},
-  context {m.context_length}, vocabulary {m.vocab_size}, dropout {m.drop_rate}, qkv bias {m.qkv_bias},
-  tied embeddings {m.tie_weights}
-- Weights: checkpoint `{checkpoint}` of the run
-- Data: `{t.dataset}`, tokenizer {tokenizer.name}{tokenizer_note}
-
-## Results
-
-| | |
-|---|---|
-{table}
-
-## Configuration
-
-Differences from the `{cfg.scale}` baseline (scale preset, no interventions):
-
-{changes}
-
-<details><summary>Full config.yaml</summary>
-
-```yaml
-{cfg.to_yaml().strip()}
-```
-
-</details>
-
-## Training loss
-
-{chart}
-
-## Use
-
-```python
-from gptlib.hub import load_model
-from gptlib.hub import load_model, load_tokenizer
-from gptlib.evals import generate
-import torch
-
-model = load_model("{repo_id}")  # a gptlib GPTModel (the book's parameter names), eval mode
-tokenizer = load_tokenizer("{repo_id}")  # {tokenizer.name}
-prompt = torch.tensor([tokenizer.encode({cfg.eval.smoke_prompt!r})])
-ids = generate(model, prompt, {cfg.eval.smoke_tokens}, top_k={cfg.eval.smoke_top_k},
-               temperature={cfg.eval.smoke_temperature}, n_vocab=tokenizer.n_vocab)
-print(tokenizer.decode(ids[0]))
-```
-
-Files: `model.safetensors` (the book's parameter names; a tied head is stored once),
-`config.json` (the model config: `model_type` "{GPTLIB_MODEL_TYPE}" and gptlib's `ModelConfig`){files_note}.
-Score it on another test set with `gptlib eval {repo_id} --scale <scale>`.
-
-Software: {software}; git commit {summary.get('git_commit') or 'unknown'}.
-"""
-
-
-def build_folder(run_dir: str | Path, repo_id: str, checkpoint: str = "best", out: str | Path | None = None,
-                 ) -> Path:
-    """Write a run's upload folder (default ``RUN_DIR/publish``): model.safetensors, config.json,
-    README.md and loss.png (or loss.html). Refuses a folder holding other files."""
-    run_dir = Path(run_dir)
-    _check_repo_id(repo_id)
-    if not (run_dir / "config.yaml").is_file():
-        raise HubError(f"{run_dir} is not a run directory (it has no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    path = ckpt.resolve_checkpoint(run_dir, checkpoint)
-    ckpt.verify_checkpoint(path)
-    folder = run_dir / "publish" if out is None else Path(out)
-    if folder.exists():
-        others = sorted(p.name for p in folder.iterdir() if p.name not in PUBLISH_FILES)
-        if others:
-            raise HubError(f"{folder} holds other files ({', '.join(others[:4])}); choose an empty --out")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in PUBLISH_FILES:
-        (folder / name).unlink(missing_ok=True)
-    state = load_file(str(path / ckpt.MODEL_FILE))
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
-    config = {"model_type": GPTLIB_MODEL_TYPE, **dataclasses.asdict(cfg.model)}
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    chart = _chart(run_dir, folder)
-    n_params = count_parameters(_build(cfg.model, state, str(path)))
-    try:
-        tokenizer = open_tokenizer(cfg.train.dataset)
-    except DataError as e:  # the dataset is not on this machine: fine for GPT-2 tokens
-        if summary.get("tokenizer", "gpt2") != "gpt2":
-            raise HubError(f"cannot publish {run_dir}: its tokenizer ({summary['tokenizer']}) is the "
-                           f"tokenizer.json of dataset {cfg.train.dataset}, which is not available "
-                           f"here ({e})") from None
-        tokenizer = GPT2Tokenizer()
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer.save(folder / BPE_FILE)
-    card = model_card(repo_id, path.name, cfg, summary, n_params, chart, tokenizer)
-    (folder / "README.md").write_text(card)
-    return folder
-
-
-def upload(folder: str | Path, repo_id: str, private: bool = False, message: str | None = None) -> str:
-    """Create the model repo if needed (``private`` applies to a new repo) and upload ``folder``;
-    returns the repo URL. Authenticates with HF_TOKEN or the ``hf auth login`` token."""
-    from huggingface_hub import HfApi
-
-    _check_repo_id(repo_id)
-    if _offline():
-        raise HubError(f"HF_HUB_OFFLINE is set: cannot upload {folder} to {repo_id} (use --dry-run)")
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
-                          commit_message=message or "Upload a gptlib run")
-    except Exception as e:  # authentication, network, permissions ...
-        raise HubError(f"could not upload {folder} to {repo_id}: {_first_line(e)}") from e
-    return f"https://huggingface.co/{repo_id}"
-
-
-def publish_run(
-    run_dir: str | Path,
-    repo_id: str,
-    checkpoint: str = "best",
-    private: bool = False,
-    dry_run: bool = False,
-    out: str | Path | None = None,
-) -> Path:
-    """Build the upload folder of a run's checkpoint (:func:`build_folder`) and, unless
-    ``dry_run``, upload it to model repo ``repo_id``; returns the folder."""
-    folder = build_folder(run_dir, repo_id, checkpoint, out)
-    if not dry_run:
-        cfg = load_config(Path(run_dir) / "config.yaml")
-        upload(folder, repo_id, private, f"Upload {cfg.scale}/{cfg.run_name} ({checkpoint}) with gptlib")
-    return folder
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import re
 import tempfile
@@ -33,8 +32,14 @@ from gptlib.config import (
     field_types,
     one_line,
     set_key,
-    short_path,
 )
+from gptlib.paths import short_path
+from gptlib.rundir import read_json_object
+
+
+def _named(path: Path) -> str:
+    """A parameter file as messages name it: relative to the folder above parameters/."""
+    return short_path(path, config.PARAMETERS_DIR.parent)
 
 
 def list_scales() -> list[str]:
@@ -52,14 +57,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{short_path(path)}: invalid YAML: {one_line(e)}") from None
+        raise ConfigError(f"{_named(path)}: invalid YAML: {one_line(e)}") from None
     except OSError as e:
-        raise ConfigError(f"{short_path(path)}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{_named(path)}: cannot read: {e.strerror}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{short_path(path)}: expected a mapping of sections, got {type(data).__name__}"
+            f"{_named(path)}: expected a mapping of sections, got {type(data).__name__}"
         )
     return data
 
@@ -79,24 +84,18 @@ SERIES_IGNORED_KEYS = ("start_val_token", "validation_batches")
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(
-            f"{short_path(path)}: missing; a series run directory holds model.json and train.json"
+            f"{_named(path)}: missing; a series run directory holds model.json and train.json"
         )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{short_path(path)}: invalid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{short_path(path)}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ConfigError)
 
 
 def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
     """Apply a series run directory's model.json and train.json to ``cfg``."""
     model_file, train_file = run_dir / "model.json", run_dir / "train.json"
     model_json, train_json = _read_json(model_file), _read_json(train_file)
-    apply_delta(cfg, {"model": model_json}, source=f"{short_path(model_file)}: ", allow_nproc=False)
+    apply_delta(cfg, {"model": model_json}, source=f"{_named(model_file)}: ", allow_nproc=False)
 
-    source = f"{short_path(train_file)}: "
+    source = f"{_named(train_file)}: "
     train_fields = field_types(TrainConfig)
     allowed = sorted({*train_fields, *SERIES_TRAIN_KEYS, *SERIES_IGNORED_KEYS, "use_amp"})
     for key, value in train_json.items():
@@ -210,7 +209,7 @@ def resolve_config(
     scales = list_scales()
     if scale in scales:
         path = config.PARAMETERS_DIR / "scales" / f"{scale}.yaml"
-        apply_delta(cfg, _read_yaml(path), source=f"{short_path(path)}: ", allow_nproc=True)
+        apply_delta(cfg, _read_yaml(path), source=f"{_named(path)}: ", allow_nproc=True)
         cfg["scale"] = scale
     elif Path(scale).is_dir():
         _import_series_run(Path(scale), cfg)
@@ -224,7 +223,7 @@ def resolve_config(
     cfg["interventions"] = _split_interventions(intervention)
     for name in cfg["interventions"]:
         path = config.PARAMETERS_DIR / "interventions" / f"{name}.yaml"
-        apply_delta(cfg, _read_yaml(path), source=f"{short_path(path)}: ", allow_nproc=False)
+        apply_delta(cfg, _read_yaml(path), source=f"{_named(path)}: ", allow_nproc=False)
 
     if seed is not None:
         cfg["train"]["random_seed"] = coerce("seed", seed, int, text=True)
@@ -239,7 +238,7 @@ def load_config(path: str | Path) -> RunConfig:
     """Read a ``config.yaml`` written by :meth:`RunConfig.to_yaml` and validate it again."""
     path = Path(path)
     data = _read_yaml(path)
-    source = f"{short_path(path)}: "
+    source = f"{_named(path)}: "
     top = [f.name for f in dataclasses.fields(RunConfig)]
     for key in data:
         if key not in top:

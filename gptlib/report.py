@@ -33,7 +33,7 @@ from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
 from gptlib.evals import reference_line
 from gptlib.launch import LaunchError, launch, prepare_run
-from gptlib.paths import REPO_ROOT
+from gptlib.paths import short_path
 from gptlib.rundir import end_of_run_lines, read_summary
 
 __all__ = [
@@ -238,16 +238,9 @@ def train(run_dir: str | Path, nproc: int, resume: str | None = None,
         return launch(run_dir, nproc, resume, progress.update)
 
 
-def _short(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
 def show_config(cfg: RunConfig, run_dir: str | Path, nproc: int) -> None:
     """The resolved configuration (what config.yaml holds) and where the run goes."""
-    head = f"Run {cfg.scale}/{cfg.run_name} -> {_short(Path(run_dir))} ({nproc} process(es))"
+    head = f"Run {cfg.scale}/{cfg.run_name} -> {short_path(Path(run_dir))} ({nproc} process(es))"
     body = cfg.to_yaml()
     _display({"text/plain": f"{head}\n\n{body}",
               "text/markdown": f"**{head}**\n\n```yaml\n{body}```\n"})
@@ -259,11 +252,11 @@ def _baseline_line(run_dir: Path, summary: dict) -> str:
         return f"This is the baseline of scale {run_dir.parent.name}."
     baseline = read_summary(baseline_dir).get("test_loss")
     if baseline is None:
-        return (f"No baseline test loss yet ({_short(baseline_dir / 'summary.json')}): train the "
+        return (f"No baseline test loss yet ({short_path(baseline_dir / 'summary.json')}): train the "
                 "baseline of this scale to compare.")
     delta = summary["test_loss"] - baseline
     verdict = "better than" if delta < 0 else "worse than" if delta > 0 else "the same as"
-    return (f"Baseline ({_short(baseline_dir)}): {baseline:.6f}; difference {delta:+.6f} "
+    return (f"Baseline ({short_path(baseline_dir)}): {baseline:.6f}; difference {delta:+.6f} "
             f"({verdict} the baseline).")
 
 
@@ -273,7 +266,7 @@ def show_evaluation(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
     if "test_loss" not in summary:
-        _text(f"{_short(run_dir)} is not evaluated yet: gptlib eval {_short(run_dir)}")
+        _text(f"{short_path(run_dir)} is not evaluated yet: gptlib eval {short_path(run_dir)}")
         return
     checkpoint = summary.get("eval_checkpoint", "?")
     loss = f"Test loss: {summary['test_loss']:.6f} (checkpoint {checkpoint})"
@@ -309,7 +302,7 @@ def show_end_of_run(run_dir: str | Path) -> None:
 def save_charts(run_dir: str | Path) -> list[Path]:
     """Write the run's chart files (charts/*.html, offline) and say where they are."""
     paths = save_run_charts(run_dir)
-    _text("Charts saved: " + ", ".join(_short(p) for p in paths))
+    _text("Charts saved: " + ", ".join(short_path(p) for p in paths))
     return paths
 
 

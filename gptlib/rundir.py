@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from gptlib.checkpoint import write_text_atomic
+from gptlib.config import one_line
+from gptlib.paths import short_path
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -34,6 +36,24 @@ def read_json(path: str | Path, default: object = None) -> object:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
+
+
+def read_json_object(path: str | Path, error: type[Exception]) -> dict:
+    """The JSON object in `path`; anything else (missing, unreadable, not JSON, not an object)
+    raises `error` with a one-line message naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise error(f"{short_path(path)}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{short_path(path)}: not UTF-8 text, so not JSON") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise error(f"{short_path(path)}: invalid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise error(f"{short_path(path)}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_summary(run_dir: str | Path) -> dict:

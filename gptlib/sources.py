@@ -69,6 +69,13 @@ def env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
+def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (as huggingface_hub read it at import, or in the environment now)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or env_true("HF_HUB_OFFLINE")
+
+
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
     """The snapshot folder of dataset `repo_id` in the Hugging Face cache (`hf download` without
     --local-dir, `HF_HUB_CACHE`) when it holds both token files; no network."""
@@ -121,9 +128,7 @@ def _resolve_hf(repo_id: str, cache_dir: Path) -> Path:
     snapshot = _hf_cache_snapshot(repo_id)
     if snapshot is not None:
         return snapshot
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or env_true("HF_HUB_OFFLINE"):
+    if hf_offline():
         raise DataError(
             f"hf:{repo_id} is not cached and HF_HUB_OFFLINE is set: download "
             f"{' and '.join(DATASET_FILES)} of dataset {repo_id} into {local_dir} "

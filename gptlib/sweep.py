@@ -20,7 +20,7 @@ from typing import Any
 from gptlib.config import ConfigError
 from gptlib.display import format_duration
 from gptlib.launch import default_run_dir
-from gptlib.paths import OUTPUTS_DIR, SUMMARY_NOTEBOOK, TRAIN_NOTEBOOK
+from gptlib.paths import OUTPUTS_DIR, SUMMARY_NOTEBOOK, TRAIN_NOTEBOOK, short_path
 from gptlib.presets import list_interventions, resolve_config
 from gptlib.rundir import read_summary
 
@@ -92,13 +92,6 @@ def plan(
             run_dir = default_run_dir(cfg, Path(outputs or OUTPUTS_DIR))
             runs.setdefault(cfg.run_name, PlannedRun(cfg.run_name, intervention, seed, run_dir))
     return list(runs.values())
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 class _LogTail(threading.Thread):
@@ -188,17 +181,18 @@ def sweep(
     overrides = dict(overrides or {})
     outputs = Path(outputs or OUTPUTS_DIR).absolute()
     runs = plan(scale, interventions, seeds, overrides, nproc, outputs, every_seed)
-    log(f"sweep {scale}: {len(runs)} runs ({', '.join(r.name for r in runs)}) -> {_short(outputs)}")
+    log(f"sweep {scale}: {len(runs)} runs ({', '.join(r.name for r in runs)}) -> {short_path(outputs)}")
     outcomes: list[RunOutcome] = []
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.name}"
         summary = read_summary(run.run_dir)
         if summary.get("status") == "completed" and not force:
-            hint = "" if "test_loss" in summary else f" (not evaluated: gptlib eval {_short(run.run_dir)})"
+            hint = "" if "test_loss" in summary else \
+                f" (not evaluated: gptlib eval {short_path(run.run_dir)})"
             log(f"{head}: completed earlier, skipped{hint}")
             outcomes.append(RunOutcome(run.name, "skipped", run.run_dir / "train.ipynb"))
             continue
-        log(f"{head}: training -> {_short(run.run_dir / 'train.ipynb')}")
+        log(f"{head}: training -> {short_path(run.run_dir / 'train.ipynb')}")
         outcome = _train_one(run, scale, overrides, nproc, log)
         test_loss = read_summary(run.run_dir).get("test_loss")
         result = f"test loss {test_loss:.6f}" if outcome.status == "completed" and test_loss else ""
@@ -207,7 +201,7 @@ def sweep(
         outcomes.append(outcome)
 
     notebook = outputs / scale / "summary.ipynb"
-    log(f"summary -> {_short(notebook)}")
+    log(f"summary -> {short_path(notebook)}")
     error = render_notebook(SUMMARY_NOTEBOOK, notebook,
                             {"scale": scale, "outputs_dir": str(outputs)})
     outcomes.append(RunOutcome("summary", "failed" if error else "completed", notebook, error))
@@ -222,6 +216,6 @@ def report_lines(outcomes: Sequence[RunOutcome]) -> list[str]:
              f"{counts['failed']} failed"]
     for o in outcomes:
         if o.status == "failed":
-            lines.append(f"  FAILED {o.name}: {o.error} (see {_short(o.notebook)})")
+            lines.append(f"  FAILED {o.name}: {o.error} (see {short_path(o.notebook)})")
     return lines
 

@@ -18,7 +18,7 @@ import yaml
 from runs import micro
 from safetensors.torch import load_file, save_file
 
-from gptlib import config, evals, hub, presets
+from gptlib import config, evals, hub, presets, publish
 from gptlib.config import ModelConfig
 from gptlib.data import DataError
 from gptlib.model import GPTModel
@@ -242,15 +242,15 @@ def test_upload_goes_through_hf_api(run: Path, hub_env: dict, tmp_path: Path,
 
     monkeypatch.setattr(config, "PARAMETERS_DIR", hub_env["params"])
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
-    monkeypatch.setattr(hub, "_png", lambda fig: (b"\x89PNG fake", None))
+    monkeypatch.setattr(publish, "_png", lambda fig: (b"\x89PNG fake", None))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(hub.HubError, match="HF_HUB_OFFLINE is set: cannot upload"):
-        hub.publish_run(run, MODEL_REPO, out=tmp_path / "offline")
+        publish.publish_run(run, MODEL_REPO, out=tmp_path / "offline")
     assert RecordingApi.calls == []
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    folder = hub.publish_run(run, MODEL_REPO, checkpoint="latest", private=True, out=tmp_path / "up")
+    folder = publish.publish_run(run, MODEL_REPO, checkpoint="latest", private=True, out=tmp_path / "up")
     assert folder == tmp_path / "up"
     assert (folder / "loss.png").read_bytes() == b"\x89PNG fake" and not (folder / "loss.html").exists()
     assert "](loss.png)" in (folder / "README.md").read_text()
@@ -263,13 +263,13 @@ def test_upload_goes_through_hf_api(run: Path, hub_env: dict, tmp_path: Path,
 
     RecordingApi.fail = True
     with pytest.raises(hub.HubError) as error:
-        hub.publish_run(run, MODEL_REPO, out=tmp_path / "up")
+        publish.publish_run(run, MODEL_REPO, out=tmp_path / "up")
     assert one_line(str(error.value)).endswith("OSError: 403 Forbidden")
     (tmp_path / "up" / "notes.txt").write_text("mine")
     with pytest.raises(hub.HubError, match=r"holds other files \(notes.txt\); choose an empty --out"):
-        hub.publish_run(run, MODEL_REPO, dry_run=True, out=tmp_path / "up")
+        publish.publish_run(run, MODEL_REPO, dry_run=True, out=tmp_path / "up")
     with pytest.raises(hub.HubError, match="repo id 'no-owner' must be <owner>/<name>"):
-        hub.publish_run(run, "no-owner", dry_run=True)
+        publish.publish_run(run, "no-owner", dry_run=True)
 
 
 # ------------------------------------------------------------------ other checkpoints in
@@ -402,7 +402,7 @@ def test_a_fitted_bpe_travels_with_the_run_and_its_published_folder(tmp_path: Pa
                          torch.Generator().manual_seed(123), tokenizer.n_vocab)
     assert result.smoke_text == tokenizer.decode(ids[0])
     assert result.uniform_loss == pytest.approx(__import__("math").log(300))
-    folder = hub.publish_run(run, "someone/bpe-micro", dry_run=True)
+    folder = publish.publish_run(run, "someone/bpe-micro", dry_run=True)
     assert (folder / "tokenizer.json").read_bytes() == (tmp_path / "ds" / "tokenizer.json").read_bytes()
     card = (folder / "README.md").read_text()
     assert "tokenizer bpe-300 (fitted to the training data; `tokenizer.json` in this repo)" in card
