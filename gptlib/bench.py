@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from gptlib.bench_report import SIDES, format_report
 from gptlib.bench_workers import (
     WORKERS,
     BenchError,
@@ -56,7 +57,6 @@ from gptlib.bench_workers import (
 from gptlib.config import ModelConfig
 from gptlib.model import flops_per_token
 
-SIDES = ("reference", "gptlib")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUICK_SHAPE = {"layers": 2, "heads": 2, "emb": 64, "context": 64, "microbatch": 2}
 DEFAULT_DATA_TOKENS = (10_000_000, 500_000_000)
@@ -66,7 +66,6 @@ TARGET_TOKENS_PER_S = 1.3
 TARGET_PEAK_RSS = 0.7
 TARGET_EVAL = 2.0
 TARGET_DATA_GROWTH_MB = 64.0
-BUSY_CPU_USE = 0.8  # below this share of its threads' CPU time, a side competed for the cores
 
 
 
@@ -139,15 +138,75 @@ def _target(name: str, value: float | None, op: str, threshold: float) -> dict:
     return {"name": name, "value": value, "op": op, "threshold": threshold, "met": met}
 
 
+def _settings(args: argparse.Namespace, microbatch: int) -> dict[str, Any]:
+    """The run's counts with their defaults filled in (quick and compile change them)."""
+    return {"steps": args.steps if args.steps is not None else (3 if args.quick else 5),
+            "warmup": args.warmup if args.warmup is not None else (2 if args.compile else 1),
+            "rounds": args.rounds, "compile": args.compile, "seed": args.seed,
+            "learning_rate": args.lr, "weight_decay": args.weight_decay,
+            "eval_batch_size": args.eval_batch_size if args.eval_batch_size is not None else microbatch,
+            "eval_batches": args.eval_batches, "ablate": args.ablate,
+            "sides": ["gptlib"] if args.skip_reference else list(SIDES)}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    return {"device": device.type, "device_name": _device_name(device),
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "bf16_native": _bf16_native(device), "loadavg_start": loadavg()}
+
+
+def _side_ratios(rows: dict, keys: dict[str, str]) -> dict[str, float | None]:
+    """gptlib's value over the reference's, for each result key (named in the ratios by ``keys``)."""
+    return {name: _ratio(rows["gptlib"][key], rows["reference"][key]) for name, key in keys.items()}
+
+
+def _measure_training(base: dict, settings: dict, index: int, microbatch: int, peak: float | None,
+                      fpt: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """One precision's training rows (each side's merged rounds, MFU) and, with both sides, the ratios."""
+    spec = {**base, "task": "train", "microbatch": microbatch, "steps": settings["steps"],
+            "warmup": settings["warmup"], "compile": settings["compile"],
+            "learning_rate": settings["learning_rate"], "weight_decay": settings["weight_decay"]}
+    rows = measure_sides(index, settings["rounds"], "training", say, {
+        side: {**spec, "side": side, "ablate": settings["ablate"] if side == "gptlib" else []}
+        for side in settings["sides"]})
+    for row in rows.values():
+        row["mfu"] = row["tokens_per_s"] * fpt / peak if peak else None
+    if "reference" in rows:
+        rows["ratios"] = {
+            **_side_ratios(rows, {"tokens_per_s": "tokens_per_s", "tokens_per_cpu_s": "tokens_per_cpu_s",
+                                  "peak_rss": "peak_rss_mb"}),
+            "initial_loss_difference": abs(rows["gptlib"]["losses"][0] - rows["reference"]["losses"][0]),
+            "peak_device": _ratio(rows["gptlib"]["peak_device_mb"], rows["reference"]["peak_device_mb"]),
+        }
+    return rows
+
+
+def _measure_eval(base: dict, settings: dict, index: int, peak: float | None, fpt: float,
+                  say: Callable[[str], None]) -> dict[str, Any]:
+    """One precision's test-loss rows; the forward pass is a third of a training step's FLOPs."""
+    spec = {**base, "task": "eval", "batch_size": settings["eval_batch_size"],
+            "batches": settings["eval_batches"], "warmup": 1}
+    rows = measure_sides(index, settings["rounds"], "evaluation", say,
+                         {side: {**spec, "side": side} for side in settings["sides"]})
+    for row in rows.values():
+        row["mfu"] = row["tokens_per_s"] * fpt / 3 / peak if peak else None
+    if "reference" in rows:
+        rows["ratios"] = _side_ratios(rows, {"tokens_per_s": "tokens_per_s",
+                                             "tokens_per_cpu_s": "tokens_per_cpu_s"})
+    return rows
+
+
 def run_bench(args: argparse.Namespace) -> dict:
     """Run every measurement the options ask for; the JSON-ready result."""
+    from gptlib.metrics import peak_flops
+
+    if args.data_only and args.skip_data:
+        raise BenchError("--data-only and --skip-data leave nothing to measure")
     cfg, microbatch = resolve_shape(args)
     device = resolve_device(args.device)
     precisions = resolve_precisions(args.precision, device)
-    steps = args.steps if args.steps is not None else (3 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else (2 if args.compile else 1)
-    eval_batch = args.eval_batch_size if args.eval_batch_size is not None else microbatch
-    sides = ["gptlib"] if args.skip_reference else list(SIDES)
+    settings = _settings(args, microbatch)
     fpt = flops_per_token(cfg)
     verbose = not args.quiet
 
@@ -155,76 +214,26 @@ def run_bench(args: argparse.Namespace) -> dict:
         if verbose:
             print(f"bench: {message}", file=sys.stderr, flush=True)
 
-    from gptlib.metrics import peak_flops
-
     result: dict[str, Any] = {
         "version": 1,
         "command": (["gptlib", "bench", *args.argv] if args.argv is not None
                     else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "device": device.type, "device_name": _device_name(device),
-            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "bf16_native": _bf16_native(device),
-            "loadavg_start": loadavg(),
-        },
+        "machine": _machine(device),
         "shape": {**dataclasses.asdict(cfg), "microbatch_size": microbatch,
                   "tokens_per_step": microbatch * cfg.context_length},
-        "settings": {"steps": steps, "warmup": warmup, "rounds": args.rounds, "compile": args.compile,
-                     "seed": args.seed,
-                     "learning_rate": args.lr, "weight_decay": args.weight_decay,
-                     "eval_batch_size": eval_batch, "eval_batches": args.eval_batches,
-                     "ablate": args.ablate, "sides": sides},
-        "flops_per_token": fpt,
-        "peak_flops": {},
-        "train": {},
-        "eval": {},
+        "settings": settings, "flops_per_token": fpt, "peak_flops": {}, "train": {}, "eval": {},
         "data": None,
     }
     base = {"model": dataclasses.asdict(cfg), "device": str(device), "seed": args.seed,
             "verbose": verbose}
     for index, precision in enumerate([] if args.data_only else precisions):
         say(f"measuring the {precision} peak FLOP/s of {_device_name(device)}")
-        result["peak_flops"][precision] = peak_flops(device, precision)
-        peak = result["peak_flops"][precision]
-        train_spec = {**base, "task": "train", "precision": precision, "microbatch": microbatch,
-                      "steps": steps, "warmup": warmup, "compile": args.compile,
-                      "learning_rate": args.lr, "weight_decay": args.weight_decay}
-        rows = measure_sides(index, args.rounds, "training", say, {
-            side: {**train_spec, "side": side, "ablate": args.ablate if side == "gptlib" else []}
-            for side in sides})
-        for row in rows.values():
-            row["mfu"] = row["tokens_per_s"] * fpt / peak if peak else None
-        if "reference" in rows:
-            ours, theirs = rows["gptlib"], rows["reference"]
-            rows["ratios"] = {
-                "tokens_per_s": _ratio(ours["tokens_per_s"], theirs["tokens_per_s"]),
-                "tokens_per_cpu_s": _ratio(ours["tokens_per_cpu_s"], theirs["tokens_per_cpu_s"]),
-                "peak_rss": _ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
-                "initial_loss_difference": abs(ours["losses"][0] - theirs["losses"][0]),
-                "peak_device": _ratio(ours["peak_device_mb"], theirs["peak_device_mb"]),
-            }
-        result["train"][precision] = rows
-
+        peak = result["peak_flops"][precision] = peak_flops(device, precision)
+        spec = {**base, "precision": precision}
+        result["train"][precision] = _measure_training(spec, settings, index, microbatch, peak, fpt, say)
         if args.eval_batches > 0:
-            eval_spec = {**base, "task": "eval", "precision": precision, "batch_size": eval_batch,
-                         "batches": args.eval_batches, "warmup": 1}
-            eval_rows = measure_sides(index, args.rounds, "evaluation", say,
-                                       {side: {**eval_spec, "side": side} for side in sides})
-            for row in eval_rows.values():
-                row["mfu"] = row["tokens_per_s"] * fpt / 3 / peak if peak else None
-            if "reference" in eval_rows:
-                eval_rows["ratios"] = {
-                    "tokens_per_s": _ratio(eval_rows["gptlib"]["tokens_per_s"],
-                                           eval_rows["reference"]["tokens_per_s"]),
-                    "tokens_per_cpu_s": _ratio(eval_rows["gptlib"]["tokens_per_cpu_s"],
-                                               eval_rows["reference"]["tokens_per_cpu_s"]),
-                }
-            result["eval"][precision] = eval_rows
-
-    if args.data_only and args.skip_data:
-        raise BenchError("--data-only and --skip-data leave nothing to measure")
+            result["eval"][precision] = _measure_eval(spec, settings, index, peak, fpt, say)
     if not args.skip_data:
         tokens = tuple(args.data_tokens) if args.data_tokens else (
             QUICK_DATA_TOKENS if args.quick else DEFAULT_DATA_TOKENS)
@@ -283,7 +292,7 @@ def merge_rounds(runs: list[dict], warmup: int) -> dict:
 
 
 def targets(result: dict) -> list[dict]:
-    """Issue #6's targets that this run measured, each with its value and whether it is met."""
+    """The benchmark's targets that this run measured, each with its value and whether it is met."""
     found = []
     for precision, rows in result["train"].items():
         if "ratios" in rows:
@@ -305,90 +314,6 @@ def targets(result: dict) -> list[dict]:
         found.append(_target("data reader RSS growth MB, small -> large file", growth, "<",
                              TARGET_DATA_GROWTH_MB))
     return found
-
-
-# --------------------------------------------------------------------------------------------------
-# Report
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _percent(value: float | None) -> str:
-    return _fmt(None if value is None else 100 * value, ".0f", "%")
-
-
-def _side_row(precision: str, side: str, row: dict) -> str:
-    """The columns the training and evaluation tables share, for one side's row."""
-    return (f"{precision:<15}{side:<11}{row['tokens_per_s']:>10,.0f}{row['median_s']:>9.2f}"
-            f"{_percent(row['cpu_use']):>6}{_percent(row['mfu']):>8}{row['peak_rss_mb']:>13,.0f}")
-
-
-def format_report(result: dict) -> str:
-    """The human-readable tables of a result."""
-    shape, machine, settings = result["shape"], result["machine"], result["settings"]
-    lines = [
-        f"gptlib bench: {shape['n_layers']} layers, {shape['n_heads']} heads, emb {shape['emb_dim']}, "
-        f"context {shape['context_length']}, vocab {shape['vocab_size']}, micro-batch "
-        f"{shape['microbatch_size']}, dropout {shape['drop_rate']}",
-        f"device: {machine['device_name']} ({machine['device']}, {machine['cpu_threads']} threads), "
-        f"torch {machine['torch']}; load average {machine['loadavg_start']} -> {machine.get('loadavg_end')}",
-        f"{settings['rounds']} round(s) x ({settings['warmup']} warm-up + {settings['steps']} timed steps) "
-        f"per side, each round a fresh process; medians; compile={settings['compile']}; "
-        f"{result['flops_per_token'] / 1e6:,.0f} MFLOP/token",
-        "CPU = CPU time / (wall time x threads): well below 100% means the machine was busy.",
-    ]
-    if result["train"]:
-        lines += ["", f"{'training step':<15}{'side':<11}{'tokens/s':>10}{'step s':>9}{'CPU':>6}{'MFU':>8}"
-                      f"{'peak RSS MB':>13}{'first loss':>12}"]
-    for precision, rows in result["train"].items():
-        for side in SIDES:
-            if side in rows:
-                row = rows[side]
-                lines.append(_side_row(precision, side, row) + f"{row['losses'][0]:>12.4f}"
-                             + (f"   GPU peak {row['peak_device_mb']:,.0f} MB" if row.get("peak_device_mb")
-                                else ""))
-        if "ratios" in rows:
-            r = rows["ratios"]
-            lines.append(f"{precision:<15}{'ratio':<11}{_fmt(r['tokens_per_s'], '.2f', 'x'):>10}{'':>23}"
-                         f"{_fmt(r['peak_rss'], '.2f', 'x'):>13}")
-    if result["eval"]:
-        batch = f"batch {settings['eval_batch_size']} x {shape['context_length']}"
-        lines += ["", f"{'evaluation':<15}{'side':<11}{'tokens/s':>10}{'batch s':>9}{'CPU':>6}{'MFU':>8}"
-                      f"{'peak RSS MB':>13}   {batch}"]
-        for precision, rows in result["eval"].items():
-            for side in SIDES:
-                if side in rows:
-                    lines.append(_side_row(precision, side, rows[side]))
-            if "ratios" in rows:
-                ratio = _fmt(rows["ratios"]["tokens_per_s"], ".2f", "x")
-                lines.append(f"{precision:<15}{'ratio':<11}{ratio:>10}")
-    data = result["data"]
-    if data:
-        small, large = (str(n) for n in (min(data["tokens"]), max(data["tokens"])))
-        small_m, large_m = (f"{int(n) / 1e6:g}M" for n in (small, large))
-        lines += ["", f"{'data reader':<15}{'RSS growth MB:':>16}{small_m:>8}{large_m:>9}{'difference':>12}"
-                      f"   {large_m}: anon + file-backed"]
-        for loader in ("gptlib", "series"):
-            runs = data[loader]["runs"]
-            split = (f"{_fmt(runs[large]['anon_growth_mb'], ',.0f')} + "
-                     f"{_fmt(runs[large]['file_growth_mb'], ',.0f')}")
-            lines.append(f"{loader:<15}{'':>16}{runs[small]['growth_mb']:>8,.0f}{runs[large]['growth_mb']:>9,.0f}"
-                         f"{data[loader]['growth_mb']:>12,.0f}   {split}")
-    busy = [f"{kind} {precision} {side}" for kind in ("train", "eval")
-            for precision, rows in result[kind].items() for side in SIDES
-            if side in rows and (rows[side].get("cpu_use") or 1.0) < BUSY_CPU_USE]
-    if busy and machine["device"] == "cpu":
-        lines += ["", f"WARNING: the machine was busy during {', '.join(busy)} (CPU < "
-                      f"{100 * BUSY_CPU_USE:.0f}%): timings and ratios are unreliable; rerun when idle."]
-    if result.get("targets"):
-        lines += ["", "targets (issue #6):"]
-        for t in result["targets"]:
-            mark = {True: "met", False: "MISSED", None: "-"}[t["met"]]
-            value = _fmt(t["value"], ".2f")
-            lines.append(f"  {t['name']:<52} {value:>8} {t['op']} {t['threshold']:<5} {mark}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
