@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlib.config import ModelConfig
+from gptlib.data import READ_DTYPES, read_tokens_header, write_tokens_atomic
 
 
 class BenchError(RuntimeError):
@@ -145,10 +145,55 @@ def train_worker(spec: dict) -> dict:
         return _train_worker(spec)
 
 
+def _reference_step(model: torch.nn.Module, spec: dict, autocast: Any,
+                    scaler: torch.amp.GradScaler | None) -> tuple[Callable, torch.optim.Optimizer]:
+    """The series' step: plain AdamW, logits then cross-entropy, ``loss.item()`` every micro-batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["learning_rate"],
+                                  weight_decay=spec["weight_decay"])
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        optimizer.zero_grad()
+        with autocast:
+            logits = model(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        return loss.item()
+
+    return step, optimizer
+
+
+def _gptlib_step(model: torch.nn.Module, spec: dict, device: torch.device, autocast: Any,
+                 scaler: torch.amp.GradScaler | None) -> tuple[Callable, torch.optim.Optimizer]:
+    """The training loop's own ``train_step`` on one micro-batch (with any ``--ablate`` applied)."""
+    from gptlib.config import TrainConfig
+    from gptlib.optim import build_optimizer, param_groups
+    from gptlib.train import micro_batch_loss, train_step
+
+    ablate = spec.get("ablate", [])
+    train_cfg = TrainConfig(learning_rate=spec["learning_rate"], weight_decay=spec["weight_decay"])
+    if "fused-adamw" in ablate:
+        optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=train_cfg.learning_rate)
+    else:  # the training loop's optimizer
+        optimizer = build_optimizer(model, train_cfg, device)
+    net = torch.compile(model) if spec["compile"] else model
+    loss_fn = micro_batch_loss if "chunked-loss" not in ablate else logits_then_loss
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return train_step(net, optimizer, lambda _: (inputs, targets), 1, autocast, scaler,
+                          loss_fn=loss_fn).loss
+
+    return step, optimizer
+
+
 def _train_worker(spec: dict) -> dict:
     cfg, side, precision = _model_config(spec), spec["side"], spec["precision"]
     device = torch.device(spec["device"])
-    ablate = spec.get("ablate", [])
     rss_start = rss_mb()
     model = _build_model(side, cfg, spec["seed"]).to(device)
     model.train()
@@ -156,42 +201,10 @@ def _train_worker(spec: dict) -> dict:
     data = _batches(cfg, spec["microbatch"], n_steps, spec["seed"] + 1)
     autocast = _autocast(precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    lr, wd = spec["learning_rate"], spec["weight_decay"]
-    step: Callable[[torch.Tensor, torch.Tensor], Any]
     if side == "reference":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)  # plain AdamW
-
-        def step(inputs: torch.Tensor, targets: torch.Tensor) -> float:
-            optimizer.zero_grad()
-            with autocast:
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            return loss.item()  # the series reads the loss every micro-batch
+        step, optimizer = _reference_step(model, spec, autocast, scaler)
     else:
-        from gptlib.config import TrainConfig
-        from gptlib.optim import build_optimizer, param_groups
-        from gptlib.train import micro_batch_loss, train_step
-
-        train_cfg = TrainConfig(learning_rate=lr, weight_decay=wd)
-        if "fused-adamw" in ablate:
-            optimizer = torch.optim.AdamW(param_groups(model, train_cfg), lr=lr)
-        else:  # the training loop's optimizer
-            optimizer = build_optimizer(model, train_cfg, device)
-        net = torch.compile(model) if spec["compile"] else model
-        loss_fn = micro_batch_loss if "chunked-loss" not in ablate else logits_then_loss
-
-        def step(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            """The training loop's own step, one micro-batch."""
-            return train_step(net, optimizer, lambda _: (inputs, targets), 1, autocast, scaler,
-                              loss_fn=loss_fn).loss
-
+        step, optimizer = _gptlib_step(model, spec, device, autocast, scaler)
     rss_ready = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -209,25 +222,18 @@ def _train_worker(spec: dict) -> dict:
             kind = "warm-up" if i < spec["warmup"] else "step"
             print(f"  {side} {precision} {kind} {i + 1}/{n_steps}: {times[-1]:.2f} s", file=sys.stderr,
                   flush=True)
-    tokens = spec["microbatch"] * cfg.context_length
     return {
-        "side": side,
-        "precision": precision,
+        "side": side, "precision": precision,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "compile": bool(spec["compile"]) and side == "gptlib",
-        "fused_adamw": bool(optimizer.defaults.get("fused")),
-        "ablate": ablate,
-        "step_times_s": times,
-        "step_cpu_times_s": cpu_times,
-        "tokens_per_step": tokens,
+        "fused_adamw": bool(optimizer.defaults.get("fused")), "ablate": spec.get("ablate", []),
+        "step_times_s": times, "step_cpu_times_s": cpu_times,
+        "tokens_per_step": spec["microbatch"] * cfg.context_length,
         "losses": [float(x) for x in losses],
-        "rss_start_mb": rss_start,
-        "rss_ready_mb": rss_ready,
-        "peak_rss_mb": peak_rss_mb(),
+        "rss_start_mb": rss_start, "rss_ready_mb": rss_ready, "peak_rss_mb": peak_rss_mb(),
         "peak_device_mb": (torch.cuda.max_memory_allocated(device) / 1024**2
                            if device.type == "cuda" else None),
-        "loadavg": [load_start, loadavg()],
-        "threads": torch.get_num_threads(),
+        "loadavg": [load_start, loadavg()], "threads": torch.get_num_threads(),
     }
 
 
@@ -354,27 +360,19 @@ def run_worker(spec: dict, timeout: float | None = None) -> dict:
 
 def write_synthetic_token_file(path: Path, n_tokens: int, chunk: int = 1 << 24) -> Path:
     """A safetensors token file of `n_tokens` uint16 ids < 50257, written chunk by chunk."""
-    header = {"tokens": {"dtype": "U16", "shape": [n_tokens], "data_offsets": [0, 2 * n_tokens]}}
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for start in range(0, n_tokens, chunk):
-            ids = np.arange(start, min(start + chunk, n_tokens), dtype=np.int64) * 7919 % 50257
-            f.write(ids.astype("<u2").tobytes())
+    chunks = (np.arange(start, min(start + chunk, n_tokens), dtype=np.int64) * 7919 % 50257
+              for start in range(0, n_tokens, chunk))
+    write_tokens_atomic(path, chunks, n_tokens, np.uint16)
     return path
 
 
 def load_whole_token_file(path: Path) -> torch.Tensor:
     """A token file's `tokens`, read whole into (anonymous) memory, as the series' loader holds it."""
-    dtypes = {"U16": "<u2", "I32": "<i4", "I64": "<i8"}
+    offset, info = read_tokens_header(path)
+    start, stop = info["data_offsets"]
+    dtype = np.dtype(READ_DTYPES[info["dtype"]]).newbyteorder("<")
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        info = json.loads(f.read(size))["tokens"]
-        start, stop = info["data_offsets"]
-        f.seek(8 + size + start)
-        dtype = np.dtype(dtypes[info["dtype"]])
+        f.seek(offset)
         return torch.from_numpy(np.fromfile(f, dtype=dtype, count=(stop - start) // dtype.itemsize))
 
 

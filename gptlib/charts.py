@@ -30,7 +30,7 @@ __all__ = [
     "lr_chart",
     "compare_loss_chart",
     "loss_charts",
-    "test_loss_chart",
+    "results_chart",
     "save_run_charts",
 ]
 
@@ -276,7 +276,7 @@ def compare_loss_chart(runs: Mapping[str, str | Path] | pd.DataFrame, x: str = "
     return fig
 
 
-def test_loss_chart(table: pd.DataFrame) -> go.Figure:
+def results_chart(table: pd.DataFrame) -> go.Figure:
     """Test loss difference from the baseline per run (negative = better), with the published
     reference difference beside it when the table has ``reference_delta``."""
     done = table[table["test_loss"].notna()]
@@ -298,8 +298,6 @@ def test_loss_chart(table: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group")
     return fig
 
-
-test_loss_chart.__test__ = False  # type: ignore[attr-defined]  # not a pytest test function
 
 
 def loss_charts(runs: Mapping[str, str | Path] | pd.DataFrame) -> list[go.Figure]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from gptlib.data import global_batch_tokens
 from gptlib.paths import REPO_ROOT
 
 __all__ = [
@@ -69,6 +70,12 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_weights: bool = False  # share out_head's weight with tok_emb
 
+    def check(self) -> None:
+        _at_least_one("model", self, ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"))
+        _require(0 <= self.drop_rate < 1, f"model.drop_rate={self.drop_rate} must be in [0, 1)")
+        _require(self.emb_dim % self.n_heads == 0,
+                 f"model.emb_dim={self.emb_dim} is not divisible by model.n_heads={self.n_heads}")
+
 
 @dataclass
 class TrainConfig:
@@ -99,6 +106,35 @@ class TrainConfig:
     collective_timeout_s: int = 600  # a rank silent this long stops the whole job
     keep_checkpoints: int = -1  # -1 = keep all; N = keep the newest N (and always the best)
 
+    def check(self) -> None:
+        _at_least_one("train", self, ("microbatch_size", "gradient_accumulation_steps",
+                                      "checkpoint_interval", "max_nonfinite_steps", "log_interval",
+                                      "spike_window", "collective_timeout_s"))
+        _require(bool(self.dataset.strip()), "train.dataset must not be empty")
+        _require(self.min_train_tokens == -1 or self.min_train_tokens >= 1,
+                 f"train.min_train_tokens={self.min_train_tokens} must be -1 (all available) or >= 1")
+        _require(self.start_train_token >= 0,
+                 f"train.start_train_token={self.start_train_token} must be >= 0")
+        _require(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
+        _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.warmup_period_percent <= 100,
+                 f"train.warmup_period_percent={self.warmup_period_percent} must be in [0, 100]")
+        _require(self.clipping_max_norm is None or self.clipping_max_norm > 0,
+                 f"train.clipping_max_norm={self.clipping_max_norm} must be > 0 (or null for no clipping)")
+        _require(self.spike_threshold > 0, f"train.spike_threshold={self.spike_threshold} must be > 0")
+        _require(self.random_seed >= 0, f"train.random_seed={self.random_seed} must be >= 0")
+        _require(self.training_seed is None or self.training_seed >= 0,
+                 f"train.training_seed={self.training_seed} must be >= 0 (or null)")
+        _require(self.keep_checkpoints == -1 or self.keep_checkpoints >= 1,
+                 f"train.keep_checkpoints={self.keep_checkpoints} must be -1 (keep all) or >= 1")
+        _one_of("train.precision", self.precision, PRECISIONS)
+        _one_of("train.device", self.device, DEVICES)
+        if self.global_batch_size is not None:
+            per_rank = self.microbatch_size * self.gradient_accumulation_steps
+            _require(self.global_batch_size >= 1 and self.global_batch_size % per_rank == 0,
+                     f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                     f"train.microbatch_size x train.gradient_accumulation_steps = {per_rank}")
+
 
 @dataclass
 class EvalConfig:
@@ -113,6 +149,17 @@ class EvalConfig:
     smoke_top_k: int = 25  # 0 = no top-k filter
     smoke_temperature: float = 1.4  # 0 = greedy
     smoke_seed: int = 123
+
+    def check(self) -> None:
+        _at_least_one("eval", self, ("batch_size", "smoke_tokens"))
+        _one_of("eval.checkpoint", self.checkpoint, EVAL_CHECKPOINTS)
+        _require(self.start_token >= 0, f"eval.start_token={self.start_token} must be >= 0")
+        _require(self.batches == -1 or self.batches >= 1,
+                 f"eval.batches={self.batches} must be -1 (the whole split) or >= 1")
+        _require(self.smoke_top_k >= 0, f"eval.smoke_top_k={self.smoke_top_k} must be >= 0 (0 = no top-k)")
+        _require(self.smoke_temperature >= 0,
+                 f"eval.smoke_temperature={self.smoke_temperature} must be >= 0 (0 = greedy)")
+        _require(bool(self.smoke_prompt), "eval.smoke_prompt must not be empty")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
@@ -139,10 +186,22 @@ class RunConfig:
             name += f"-tseed{self.train.training_seed}"
         return name
 
+    def check(self) -> None:
+        """Every section's checks, then the run's own (process count, interventions)."""
+        for section in SECTIONS:
+            getattr(self, section).check()
+        _require(self.nproc == "auto" or (isinstance(self.nproc, int) and self.nproc >= 1),
+                 f"nproc={self.nproc!r}: not allowed; allowed: 'auto' or an int >= 1")
+        duplicates = sorted({n for n in self.interventions if self.interventions.count(n) > 1})
+        _require(not duplicates, f"interventions: {', '.join(duplicates)} given more than once")
+        if isinstance(self.nproc, int):
+            check_world_size(self, self.nproc)
+
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens per optimizer step: micro-batch x context x accumulation steps x ranks."""
         t = self.train
-        return t.microbatch_size * self.model.context_length * t.gradient_accumulation_steps * world_size
+        return global_batch_tokens(t.microbatch_size, self.model.context_length,
+                                   t.gradient_accumulation_steps, world_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -287,6 +346,13 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _at_least_one(section: str, part: object, names: tuple[str, ...]) -> None:
+    """Sizes and counts that must be >= 1."""
+    for name in names:
+        value = getattr(part, name)
+        _require(value >= 1, f"{section}.{name}={value} must be >= 1")
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{key}={value!r}: not allowed; allowed: {closest_first(value, allowed)}")
 
@@ -305,92 +371,6 @@ def _check_types(cfg: RunConfig) -> None:
     )
 
 
-_POSITIVE = {  # sizes and counts that must be >= 1
-    "model": ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"),
-    "train": (
-        "microbatch_size",
-        "gradient_accumulation_steps",
-        "checkpoint_interval",
-        "max_nonfinite_steps",
-        "log_interval",
-        "spike_window",
-        "collective_timeout_s",
-    ),
-    "eval": ("batch_size", "smoke_tokens"),
-}
-
-
-def _check_values(cfg: RunConfig) -> None:
-    m, t, e = cfg.model, cfg.train, cfg.eval
-    for section, names in _POSITIVE.items():
-        for name in names:
-            value = getattr(getattr(cfg, section), name)
-            _require(value >= 1, f"{section}.{name}={value} must be >= 1")
-    _require(0 <= m.drop_rate < 1, f"model.drop_rate={m.drop_rate} must be in [0, 1)")
-    _require(
-        m.emb_dim % m.n_heads == 0,
-        f"model.emb_dim={m.emb_dim} is not divisible by model.n_heads={m.n_heads}",
-    )
-
-    _require(bool(t.dataset.strip()), "train.dataset must not be empty")
-    _require(
-        t.min_train_tokens == -1 or t.min_train_tokens >= 1,
-        f"train.min_train_tokens={t.min_train_tokens} must be -1 (all available) or >= 1",
-    )
-    _require(
-        t.start_train_token >= 0, f"train.start_train_token={t.start_train_token} must be >= 0"
-    )
-    _require(t.learning_rate > 0, f"train.learning_rate={t.learning_rate} must be > 0")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _require(
-        0 <= t.warmup_period_percent <= 100,
-        f"train.warmup_period_percent={t.warmup_period_percent} must be in [0, 100]",
-    )
-    _require(
-        t.clipping_max_norm is None or t.clipping_max_norm > 0,
-        f"train.clipping_max_norm={t.clipping_max_norm} must be > 0 (or null for no clipping)",
-    )
-    _require(t.spike_threshold > 0, f"train.spike_threshold={t.spike_threshold} must be > 0")
-    _require(t.random_seed >= 0, f"train.random_seed={t.random_seed} must be >= 0")
-    _require(
-        t.training_seed is None or t.training_seed >= 0,
-        f"train.training_seed={t.training_seed} must be >= 0 (or null)",
-    )
-    _require(
-        t.keep_checkpoints == -1 or t.keep_checkpoints >= 1,
-        f"train.keep_checkpoints={t.keep_checkpoints} must be -1 (keep all) or >= 1",
-    )
-    _one_of("train.precision", t.precision, PRECISIONS)
-    _one_of("train.device", t.device, DEVICES)
-    if t.global_batch_size is not None:
-        per_rank = t.microbatch_size * t.gradient_accumulation_steps
-        _require(
-            t.global_batch_size >= 1 and t.global_batch_size % per_rank == 0,
-            f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
-            f"train.microbatch_size x train.gradient_accumulation_steps = {per_rank}",
-        )
-
-    _one_of("eval.checkpoint", e.checkpoint, EVAL_CHECKPOINTS)
-    _require(e.start_token >= 0, f"eval.start_token={e.start_token} must be >= 0")
-    _require(
-        e.batches == -1 or e.batches >= 1,
-        f"eval.batches={e.batches} must be -1 (the whole split) or >= 1",
-    )
-    _require(e.smoke_top_k >= 0, f"eval.smoke_top_k={e.smoke_top_k} must be >= 0 (0 = no top-k)")
-    _require(
-        e.smoke_temperature >= 0,
-        f"eval.smoke_temperature={e.smoke_temperature} must be >= 0 (0 = greedy)",
-    )
-    _require(bool(e.smoke_prompt), "eval.smoke_prompt must not be empty")
-
-    _require(
-        cfg.nproc == "auto" or (isinstance(cfg.nproc, int) and cfg.nproc >= 1),
-        f"nproc={cfg.nproc!r}: not allowed; allowed: 'auto' or an int >= 1",
-    )
-    duplicates = sorted({n for n in cfg.interventions if cfg.interventions.count(n) > 1})
-    _require(not duplicates, f"interventions: {', '.join(duplicates)} given more than once")
-    if isinstance(cfg.nproc, int):
-        check_world_size(cfg, cfg.nproc)
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -414,7 +394,7 @@ def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check types (coercing int -> float) and values of ``cfg`` in place; return it."""
     _check_types(cfg)
-    _check_values(cfg)
+    cfg.check()
     return cfg
 
 

@@ -35,7 +35,7 @@ SPLITS = ("train", "validation")
 DATASET_FILES = tuple(f"{split}.safetensors" for split in SPLITS)
 
 # safetensors dtype codes we read, and the numpy dtypes we write them with.
-_READ_DTYPES = {"U16": np.uint16, "I32": np.int32, "I64": np.int64}
+READ_DTYPES = {"U16": np.uint16, "I32": np.int32, "I64": np.int64}
 _WRITE_CODES = {np.dtype(np.uint16): "U16", np.dtype(np.int32): "I32"}
 
 
@@ -48,30 +48,37 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def write_tokens_atomic(path: Path, chunks: Iterable[np.ndarray], n: int, dtype: Any) -> None:
-    """Stream `n` tokens from `chunks` into a safetensors file at `path` (tmp file + rename).
+# The safetensors format is an 8-byte little-endian header size, a JSON header (padded to a multiple
+# of 8) and the raw little-endian tensor bytes. Writing it by hand lets a dataset much larger than
+# memory be written chunk by chunk; reading the header by hand gives the offset of a positioned read.
 
-    The safetensors format is an 8-byte little-endian header size, a JSON header (padded to a
-    multiple of 8) and the raw little-endian tensor bytes; writing it by hand lets a dataset much
-    larger than memory be written chunk by chunk.
-    """
+
+def tokens_header(n: int, dtype: np.dtype) -> bytes:
+    """The size prefix and JSON header of a token file holding `n` tokens of `dtype`."""
+    info = {"dtype": _WRITE_CODES[np.dtype(dtype.type)], "shape": [n],
+            "data_offsets": [0, n * dtype.itemsize]}
+    header = json.dumps({"tokens": info}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def read_tokens_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(file offset of the first token, the header's `tokens` entry) of a token file."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(size))["tokens"]
+    return 8 + size + info["data_offsets"][0], info
+
+
+def write_tokens_atomic(path: Path, chunks: Iterable[np.ndarray], n: int, dtype: Any) -> None:
+    """Stream `n` tokens from `chunks` into a safetensors file at `path` (tmp file + rename)."""
     dtype = np.dtype(dtype).newbyteorder("<")
-    header = {
-        "tokens": {
-            "dtype": _WRITE_CODES[np.dtype(dtype.type)],
-            "shape": [n],
-            "data_offsets": [0, n * dtype.itemsize],
-        }
-    }
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         written = 0
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
+            f.write(tokens_header(n, dtype))
             for chunk in chunks:
                 f.write(np.ascontiguousarray(chunk, dtype=dtype).data)
                 written += len(chunk)
@@ -122,17 +129,14 @@ class TokenFile:
             raise DataError(f"token file {self.path} is not a safetensors file ({e})") from e
         if len(shape) != 1:
             raise DataError(f"token file {self.path}: `tokens` has shape {shape}; expected 1-D")
-        if self.dtype not in _READ_DTYPES:
-            allowed = ", ".join(_READ_DTYPES)
+        if self.dtype not in READ_DTYPES:
+            allowed = ", ".join(READ_DTYPES)
             raise DataError(f"token file {self.path}: `tokens` has dtype {self.dtype}; allowed: {allowed}")
         if shape[0] == 0:
             raise DataError(f"token file {self.path}: `tokens` is empty")
         self._len = int(shape[0])
-        self._numpy_dtype = np.dtype(_READ_DTYPES[self.dtype]).newbyteorder("<")
-        with open(self.path, "rb") as f:
-            (header_size,) = struct.unpack("<Q", f.read(8))
-            data_start = json.loads(f.read(header_size))["tokens"]["data_offsets"][0]
-        self._offset = 8 + header_size + data_start
+        self._numpy_dtype = np.dtype(READ_DTYPES[self.dtype]).newbyteorder("<")
+        self._offset, _ = read_tokens_header(self.path)
         self._fd: int | None = None
         self._fd_pid: int | None = None
 
@@ -214,7 +218,8 @@ class BatchReader:
         self.start_token = start_token
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.block_tokens = microbatch_size * context_length
-        self.global_batch_tokens = self.block_tokens * gradient_accumulation_steps * world_size
+        self.global_batch_tokens = global_batch_tokens(microbatch_size, context_length,
+                                                       gradient_accumulation_steps, world_size)
 
     @property
     def max_steps(self) -> int:
@@ -273,7 +278,8 @@ class BatchReader:
 def global_batch_tokens(
     microbatch_size: int, context_length: int, gradient_accumulation_steps: int, world_size: int
 ) -> int:
-    """Tokens per optimizer step: micro-batch x context x accumulation steps x ranks."""
+    """Tokens per optimizer step: micro-batch x context x accumulation steps x ranks (the one
+    formula; :meth:`gptlib.config.RunConfig.tokens_per_step` and the batch reader use it)."""
     return microbatch_size * context_length * gradient_accumulation_steps * world_size
 
 

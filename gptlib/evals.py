@@ -41,7 +41,7 @@ from gptlib.data import BatchReader, DataError, TokenFile
 from gptlib.device import autocast_context, pick_device, resolve_precision
 from gptlib.model import GPTModel, load_weights
 from gptlib.presets import load_config
-from gptlib.sources import open_tokenizer, resolve_dataset
+from gptlib.sources import dataset_split, open_tokenizer
 from gptlib.tokenizer import Tokenizer
 
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
     "eval_precision",
     "load_run",
     "validation_reader",
-    "test_loss",
+    "slice_loss",
     "unigram_loss",
     "generate",
     "smoke_test",
@@ -128,7 +128,7 @@ def validation_reader(cfg: RunConfig, batches: int | None = None) -> tuple[Batch
     batches = e.batches if batches is None else batches
     if batches != -1 and batches < 1:
         raise DataError(f"eval batches={batches} must be -1 (all whole batches) or >= 1")
-    split = TokenFile(resolve_dataset(cfg.train.dataset) / "validation.safetensors")
+    split = dataset_split(cfg.train.dataset, "validation")
     batch_tokens = e.batch_size * cfg.model.context_length
     available = max(0, (len(split) - e.start_token - 1) // batch_tokens)
     need = f"{batches:,} batches" if batches != -1 else "at least 1 batch"
@@ -158,9 +158,9 @@ def _token_counts(path: Path, size: int, mtime_ns: int, vocab: int) -> np.ndarra
 
 
 def unigram_loss(cfg: RunConfig, batches: int | None = None) -> tuple[float, float]:
-    """(unigram loss, uniform loss) of the test slice ``test_loss`` scores (see the module doc)."""
+    """(unigram loss, uniform loss) of the test slice ``slice_loss`` scores (see the module doc)."""
     vocab = open_tokenizer(cfg.train.dataset).n_vocab
-    train = resolve_dataset(cfg.train.dataset) / "train.safetensors"
+    train = dataset_split(cfg.train.dataset, "train").path
     stat = train.stat()
     counts = _token_counts(train.resolve(), stat.st_size, stat.st_mtime_ns, vocab)
     log_p = np.log(counts + 0.5) - math.log(counts.sum() + 0.5 * vocab)
@@ -177,7 +177,7 @@ def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.Abstract
     return autocast_context(precision, device), precision
 
 
-def test_loss(
+def slice_loss(
     model: GPTModel, cfg: RunConfig, batches: int | None = None
 ) -> tuple[float, int, str]:
     """(test loss, batches evaluated, precision used) of ``model`` on the held-out slice."""
@@ -196,8 +196,6 @@ def test_loss(
             total += loss.double()
     return (total / n).item(), n, precision
 
-
-test_loss.__test__ = False  # type: ignore[attr-defined]  # not a pytest test function
 
 
 def generate(
@@ -262,7 +260,7 @@ def evaluate_run(
         config = Path(run_dir) / "config.yaml"
         checkpoint = load_config(config).eval.checkpoint if config.is_file() else "best"
     cfg, model, path = load_run(run_dir, checkpoint, device)
-    loss, n, precision = test_loss(model, cfg, batches)
+    loss, n, precision = slice_loss(model, cfg, batches)
     unigram, uniform = unigram_loss(cfg, batches)
     result = EvalResult(
         test_loss=loss,
@@ -294,7 +292,7 @@ def evaluate_model(
     device = next(model.parameters()).device
     cfg = copy.deepcopy(cfg)
     cfg.train.precision = resolve_precision(cfg.train.precision, device)
-    loss, n, precision = test_loss(model, cfg, batches)
+    loss, n, precision = slice_loss(model, cfg, batches)
     unigram, uniform = unigram_loss(cfg, batches)
     return EvalResult(
         test_loss=loss,

@@ -24,16 +24,14 @@ from pathlib import Path
 import torch
 
 from gptlib import checkpoint as ckpt
-from gptlib import rundir
+from gptlib import paths, rundir
 from gptlib.config import ConfigError, RunConfig, check_world_size, config_changes
-from gptlib.data import TokenFile, token_budget
+from gptlib.data import token_budget
 from gptlib.device import pick_device, resolve_precision
 from gptlib.model import GPTModel, count_parameters
-from gptlib.paths import OUTPUTS_DIR
 from gptlib.presets import load_config, resolve_config
-from gptlib.sources import check_vocab_size, resolve_dataset
+from gptlib.sources import check_vocab_size, dataset_split
 
-DEFAULT_OUTPUTS = OUTPUTS_DIR  # <repo>/outputs whatever the current directory
 TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
 LOCK_FILE = ".lock"
@@ -52,7 +50,7 @@ def resolve_nproc(nproc: int | str) -> int:
 
 def default_run_dir(cfg: RunConfig, outputs: Path | None = None) -> Path:
     """`<repo>/outputs/<scale>/<run-name>` unless another outputs folder is given."""
-    return (outputs or DEFAULT_OUTPUTS) / Path(cfg.scale).name / cfg.run_name
+    return (outputs or paths.OUTPUTS_DIR) / Path(cfg.scale).name / cfg.run_name
 
 
 def prepare_run(
@@ -72,13 +70,13 @@ def prepare_run(
     if cfg.train.device == "cuda" and torch.cuda.device_count() < world_size:
         raise ConfigError(f"nproc={world_size} but only {torch.cuda.device_count()} GPUs are visible")
     cfg.train.precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
-    dataset = resolve_dataset(cfg.train.dataset)
+    train_split = dataset_split(cfg.train.dataset, "train")
     check_vocab_size(cfg.model.vocab_size, cfg.train.dataset)
     t = cfg.train
     total_steps, _ = token_budget(
         t.min_train_tokens,
         cfg.tokens_per_step(world_size),
-        len(TokenFile(dataset / "train.safetensors")), t.start_train_token)
+        len(train_split), t.start_train_token)
 
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     check_writable(run_dir)

@@ -121,36 +121,20 @@ def tokenize_into(
     tokenizer = GPT2Tokenizer() if tokenizer is None else tokenizer
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_path = out_dir / f".tokens-{uuid.uuid4().hex}.tmp"
-    lengths: list[np.ndarray] = []
-    n_docs = n_tokens = 0
-    started = last_report = time.monotonic()
+    started = time.monotonic()
     if isinstance(tokenizer, GPT2Tokenizer):
         get_tokenizer()  # build it once here, so forked workers inherit it
         encoded = _map_ordered(_encode_documents, batches, workers)
     else:
         encoded = (_encode_documents(batch, tokenizer) for batch in batches)
     try:
-        with open(raw_path, "wb") as raw:
-            for tokens, doc_lengths in encoded:
-                raw.write(tokens.data)
-                lengths.append(doc_lengths)
-                n_docs += len(doc_lengths)
-                n_tokens += len(tokens)
-                if progress and time.monotonic() - last_report >= 10:
-                    last_report = time.monotonic()
-                    elapsed = last_report - started
-                    print(
-                        f"prepare: {n_docs:,} documents, {n_tokens:,} tokens "
-                        f"({n_docs / elapsed:,.0f} docs/s, {n_tokens / elapsed:,.0f} tokens/s)",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        doc_ends = _stream_tokens(raw_path, encoded, progress)
+        n_docs, n_tokens = len(doc_ends), int(doc_ends[-1]) if len(doc_ends) else 0
         if n_docs < 2:
             raise DataError(
                 f"found {n_docs} non-empty documents for {out_dir}; need at least 2 "
                 "(one for train, one for validation)"
             )
-        doc_ends = np.cumsum(np.concatenate(lengths))
         if validation_documents is not None:
             if not 1 <= validation_documents < n_docs:
                 raise DataError(f"validation_documents={validation_documents} must be in "
@@ -159,12 +143,7 @@ def tokenize_into(
         else:
             target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
             split = _validation_start(doc_ends, target)
-        tokens = np.memmap(raw_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
-        chunk = 1 << 24
-        for name, lo, hi in (("train", 0, split), ("validation", split, n_tokens)):
-            chunks = (tokens[i : min(i + chunk, hi)] for i in range(lo, hi, chunk))
-            write_tokens_atomic(out_dir / f"{name}.safetensors", chunks, hi - lo, np.uint16)
-        del tokens
+        _write_splits(raw_path, out_dir, split, n_tokens)
     finally:
         raw_path.unlink(missing_ok=True)
     train_docs = int(np.searchsorted(doc_ends, split, side="right"))
@@ -186,6 +165,37 @@ def tokenize_into(
         result["tokenizer_sha256"] = file_sha256(out_dir / BPE_FILE)
     write_json_atomic(out_dir / "meta.json", result)
     return result
+
+
+def _stream_tokens(raw_path: Path, encoded: Iterable[tuple[np.ndarray, np.ndarray]],
+                   progress: bool) -> np.ndarray:
+    """Append every encoded batch's tokens to the raw file; the documents' cumulative end offsets."""
+    lengths: list[np.ndarray] = []
+    n_docs = n_tokens = 0
+    started = last_report = time.monotonic()
+    with open(raw_path, "wb") as raw:
+        for tokens, doc_lengths in encoded:
+            raw.write(tokens.data)
+            lengths.append(doc_lengths)
+            n_docs += len(doc_lengths)
+            n_tokens += len(tokens)
+            if progress and time.monotonic() - last_report >= 10:
+                last_report = time.monotonic()
+                elapsed = last_report - started
+                print(f"prepare: {n_docs:,} documents, {n_tokens:,} tokens "
+                      f"({n_docs / elapsed:,.0f} docs/s, {n_tokens / elapsed:,.0f} tokens/s)",
+                      file=sys.stderr, flush=True)
+    return np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, dtype=np.int64)
+
+
+def _write_splits(raw_path: Path, out_dir: Path, split: int, n_tokens: int) -> None:
+    """train = tokens [0, split), validation = [split, n_tokens), copied in 16M-token chunks."""
+    tokens = np.memmap(raw_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
+    chunk = 1 << 24
+    for name, lo, hi in (("train", 0, split), ("validation", split, n_tokens)):
+        chunks = (tokens[i : min(i + chunk, hi)] for i in range(lo, hi, chunk))
+        write_tokens_atomic(out_dir / f"{name}.safetensors", chunks, hi - lo, np.uint16)
+    del tokens
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

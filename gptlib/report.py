@@ -32,7 +32,7 @@ from gptlib.checkpoint import CheckpointError
 from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
 from gptlib.evals import reference_line
-from gptlib.launch import LaunchError, launch, prepare_run
+from gptlib.launch import LaunchError, launch
 from gptlib.paths import short_path
 from gptlib.rundir import end_of_run_lines, read_summary
 
@@ -42,7 +42,6 @@ __all__ = [
     "show",
     "figure_bundle",
     "Progress",
-    "prepare",
     "train",
     "show_config",
     "show_evaluation",
@@ -223,10 +222,6 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------ the run
-
-
-# Validation and the run directory (<repo>/outputs/<scale>/<run-name> by default) are the launcher's.
-prepare = prepare_run
 
 
 def train(run_dir: str | Path, nproc: int, resume: str | None = None,

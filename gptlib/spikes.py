@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from gptlib import checkpoint as ckpt
-from gptlib.data import BatchReader, TokenFile
+from gptlib.data import BatchReader
 from gptlib.evals import load_run
 from gptlib.presets import load_config
-from gptlib.sources import open_tokenizer, resolve_dataset
+from gptlib.sources import dataset_split, open_tokenizer
 
 
 @dataclass
@@ -84,7 +84,7 @@ def analyse(run_dir: str | Path, device: str | None = None) -> list[SpikeReport]
     cfg = load_config(run_dir / "config.yaml")
     t = cfg.train
     world_size = len(spikes[0]["windows"])
-    reader = BatchReader(TokenFile(resolve_dataset(t.dataset) / "train.safetensors"),
+    reader = BatchReader(dataset_split(t.dataset, "train"),
                          t.microbatch_size, cfg.model.context_length, t.gradient_accumulation_steps,
                          world_size, t.start_train_token)
     tokenizer = open_tokenizer(t.dataset)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gptlib import checkpoint as ckpt
 from gptlib import rundir
 from gptlib.config import RunConfig, check_world_size
-from gptlib.data import BatchReader, TokenFile, token_budget
+from gptlib.data import BatchReader, token_budget
 from gptlib.device import autocast_context, pick_device, resolve_precision, use_compile
 from gptlib.display import format_duration
 from gptlib.lifeline import hold_writer_lock
@@ -41,7 +41,7 @@ from gptlib.metrics import MetricsLog, SpikeDetector, StepStats, peak_flops
 from gptlib.model import GPTModel, count_parameters, flops_per_token
 from gptlib.optim import build_optimizer, lr_at, set_lr
 from gptlib.presets import load_config
-from gptlib.sources import open_tokenizer, resolve_dataset
+from gptlib.sources import dataset_split, open_tokenizer
 
 
 class TrainingError(RuntimeError):
@@ -225,7 +225,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     precision = resolve_precision(t.precision, ctx.device)
     autocast = autocast_context(precision, ctx.device)
     ga, tokens_per_step = t.gradient_accumulation_steps, cfg.tokens_per_step(ctx.world_size)
-    train_tokens = TokenFile(resolve_dataset(t.dataset) / "train.safetensors")
+    train_tokens = dataset_split(t.dataset, "train")
     reader = BatchReader(train_tokens, t.microbatch_size, cfg.model.context_length, ga,
                          ctx.world_size, t.start_train_token, pin_memory=ctx.device.type == "cuda")
     total_steps, _ = token_budget(t.min_train_tokens, tokens_per_step, len(train_tokens),

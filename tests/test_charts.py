@@ -90,7 +90,7 @@ def test_comparison_charts(run: Path, tmp_path: Path) -> None:
     tokens = {r["step"]: r["tokens"] for r in read_metrics(run / "metrics.jsonl")}
     assert list(fig.data[0].x) == [tokens[3], tokens[7], tokens[11]]
     df = summary.collect_runs(run.parent.parent, "tiny")
-    bars = charts.test_loss_chart(df)
+    bars = charts.results_chart(df)
     assert bars.layout.annotations[0].text == "no evaluated run and baseline yet"
     assert len(charts.loss_charts(df)) == 1
 

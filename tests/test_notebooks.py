@@ -16,7 +16,7 @@ from papermill.exceptions import PapermillExecutionError
 from runs import micro, set_args
 from workbook import ensure_python3_kernel, execute, outputs, text_of
 
-from gptlib import launch, report
+from gptlib import launch, paths, report
 from gptlib.config import PARAMETERS_DIR
 from gptlib.paths import OUTPUTS_DIR, SUMMARY_NOTEBOOK, TRAIN_NOTEBOOK
 
@@ -102,10 +102,9 @@ def test_bad_intervention_fails_first_with_one_line(places: tuple[Path, Path],
 def test_default_run_dir_is_under_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                  dataset: Path) -> None:
     assert OUTPUTS_DIR == Path(report.__file__).resolve().parent.parent / "outputs"
-    assert launch.DEFAULT_OUTPUTS == OUTPUTS_DIR
-    monkeypatch.setattr(launch, "DEFAULT_OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
     monkeypatch.chdir(tmp_path)
-    _, run_dir, _ = report.prepare(overrides=micro(dataset), intervention="qkv-bias")
+    _, run_dir, _ = launch.prepare_run(overrides=micro(dataset), intervention="qkv-bias")
     assert run_dir == tmp_path / "outputs" / "tiny" / "qkv-bias"
 
 

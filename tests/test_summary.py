@@ -126,7 +126,7 @@ def test_no_runs_yet(tmp_path: Path) -> None:
     df = summary.collect_runs(tmp_path, "tiny")
     assert df.empty and list(df.columns) == summary.COLUMNS
     assert summary.table(df).empty
-    assert charts.test_loss_chart(df).layout.annotations[0].text == "no evaluated run and baseline yet"
+    assert charts.results_chart(df).layout.annotations[0].text == "no evaluated run and baseline yet"
     assert charts.compare_loss_chart(df).layout.annotations[0].text == "no runs with metrics yet"
     assert charts.loss_charts(df) == []
     one = summary.collect_runs(tmp_path, "tiny", "baseline")
