@@ -331,7 +331,7 @@ def _token_counts(value: str) -> list[int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `gptlib bench` options (the lead's cli.py calls this on its sub-parser)."""
+    """The `gptlib bench` options (cli.py calls this on its sub-parser)."""
     shape = parser.add_argument_group("shape (default: GPT-2 small, micro-batch 1, dropout 0.1)")
     shape.add_argument("--scale", default=None, help="take the model shape and micro-batch of a scale")
     shape.add_argument("--tiny", action="store_true",

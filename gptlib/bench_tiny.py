@@ -1,4 +1,4 @@
-"""`gptlib bench --tiny`: the miniature's training speed before and after issue #12, side by side.
+"""`gptlib bench --tiny`: the miniature's training speed against the earlier tiny shape, side by side.
 
 Three gptlib training steps (the loop's own `micro_batch_loss`, fused AdamW, bf16 autocast where the
 CPU has it), each side in fresh processes, rounds alternating the order (`gptlib.bench`'s

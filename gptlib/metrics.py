@@ -140,7 +140,7 @@ class MetricsLog:
                 self.spikes = [s for s in json.loads(self.spikes_path.read_text())
                                if s["step"] < start_step]
             self.file = open(self.metrics_path, "a")
-        self.last_flush_time, self.last_flush_step = time.perf_counter(), start_step
+        self.last_flush_time, self.last_flush_step = math.nan, start_step  # start_clock() sets the time
 
     def start_clock(self) -> float:
         """Time the first flush's tokens/s from now (after the set-up); returns the time."""

@@ -135,29 +135,16 @@ def tokenize_into(
                 f"found {n_docs} non-empty documents for {out_dir}; need at least 2 "
                 "(one for train, one for validation)"
             )
-        if validation_documents is not None:
-            if not 1 <= validation_documents < n_docs:
-                raise DataError(f"validation_documents={validation_documents} must be in "
-                                f"[1, {n_docs - 1}] for {n_docs} documents")
-            split = int(doc_ends[n_docs - validation_documents - 1])
-        else:
-            target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
-            split = _validation_start(doc_ends, target)
+        split = _split_point(doc_ends, validation_documents, validation_fraction, min_validation_tokens)
         _write_splits(raw_path, out_dir, split, n_tokens)
     finally:
         raw_path.unlink(missing_ok=True)
     train_docs = int(np.searchsorted(doc_ends, split, side="right"))
     result = {
-        **meta,
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.n_vocab,
-        "eot_id": tokenizer.eot_id,
-        "dtype": "uint16",
-        "documents": n_docs,
-        "train_documents": train_docs,
-        "validation_documents": n_docs - train_docs,
-        "train_tokens": split,
-        "validation_tokens": n_tokens - split,
+        **meta, "tokenizer": tokenizer.name, "vocab_size": tokenizer.n_vocab,
+        "eot_id": tokenizer.eot_id, "dtype": "uint16",
+        "documents": n_docs, "train_documents": train_docs, "validation_documents": n_docs - train_docs,
+        "train_tokens": split, "validation_tokens": n_tokens - split,
         "seconds": round(time.monotonic() - started, 2),
     }
     if isinstance(tokenizer, BPETokenizer):
@@ -165,6 +152,20 @@ def tokenize_into(
         result["tokenizer_sha256"] = file_sha256(out_dir / BPE_FILE)
     write_json_atomic(out_dir / "meta.json", result)
     return result
+
+
+def _split_point(doc_ends: np.ndarray, validation_documents: int | None, validation_fraction: float,
+                 min_validation_tokens: int) -> int:
+    """The first validation token: before the last `validation_documents` documents, else before
+    the last documents that hold `validation_fraction` of the tokens (at least the minimum)."""
+    n_docs, n_tokens = len(doc_ends), int(doc_ends[-1])
+    if validation_documents is not None:
+        if not 1 <= validation_documents < n_docs:
+            raise DataError(f"validation_documents={validation_documents} must be in "
+                            f"[1, {n_docs - 1}] for {n_docs} documents")
+        return int(doc_ends[n_docs - validation_documents - 1])
+    target = max(min_validation_tokens, math.ceil(validation_fraction * n_tokens))
+    return _validation_start(doc_ends, target)
 
 
 def _stream_tokens(raw_path: Path, encoded: Iterable[tuple[np.ndarray, np.ndarray]],

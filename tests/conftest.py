@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from runs import SENTENCES
+from runs import SENTENCES, micro
+from workbook import train_in_process
 
 from gptlib.data import write_token_file
 from gptlib.tokenizer import get_tokenizer
@@ -34,6 +36,18 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def micro_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """The one way the tests get a trained run in-process: ``micro_run("evals/run", **changes)``
+    trains tests/runs.py's micro config plus ``changes`` (on the sentences dataset unless
+    ``train.dataset`` is among them) into a fresh folder ending in that relative path."""
+
+    def train(relative: str, **changes: object) -> Path:
+        name, _, rest = relative.partition("/")
+        run_dir = tmp_path_factory.mktemp(name) / rest if rest else tmp_path_factory.mktemp(name)
+        return train_in_process(run_dir, micro(dataset, **changes))
+
+    return train
 
 
 @pytest.fixture(scope="session")

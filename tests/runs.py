@@ -36,9 +36,12 @@ def micro(dataset: Path, **changes: object) -> dict:
     return overrides
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlib", *args], capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*args: object, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m gptlib ARGS` in a subprocess, its output captured as text (the one way the tests
+    call the CLI; kill tests start it with Popen themselves)."""
+    return subprocess.run([sys.executable, "-m", "gptlib", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def set_args(overrides: dict) -> list[str]:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from runs import micro
-from workbook import train_in_process
 
 from gptlib import charts, report, summary
 from gptlib.checkpoint import list_checkpoints, read_meta
@@ -17,13 +16,11 @@ from gptlib.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
-def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(micro_run: Callable[..., Path]) -> Path:
     """12 steps, 3 checkpoint periods, clipping at 0.5, a spike detector sensitive enough to fire."""
-    run_dir = tmp_path_factory.mktemp("charts") / "tiny" / "gradient-clipping"
-    overrides = micro(dataset, **{"train.min_train_tokens": 12 * 2 * 16,
-                                  "train.clipping_max_norm": 0.5, "train.spike_window": 3,
-                                  "train.spike_threshold": 1.0})
-    return train_in_process(run_dir, overrides)
+    return micro_run("charts/tiny/gradient-clipping", **{
+        "train.min_train_tokens": 12 * 2 * 16, "train.clipping_max_norm": 0.5,
+        "train.spike_window": 3, "train.spike_threshold": 1.0})
 
 
 def trace(fig, name: str):  # noqa: ANN001, ANN201

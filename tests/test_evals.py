@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from runs import cli, micro
+from runs import cli
 from safetensors.torch import load_file
-from workbook import train_in_process
 
 from gptlib import evals
 from gptlib.checkpoint import CheckpointError
@@ -23,10 +23,9 @@ from gptlib.tokenizer import decode, encode
 
 
 @pytest.fixture(scope="module")
-def run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(micro_run: Callable[..., Path]) -> Path:
     """A micro run of 12 steps (3 checkpoints) on the sentences dataset."""
-    run_dir = tmp_path_factory.mktemp("evals") / "run"
-    return train_in_process(run_dir, micro(dataset, **{"train.min_train_tokens": 12 * 2 * 16}))
+    return micro_run("evals/run", **{"train.min_train_tokens": 12 * 2 * 16})
 
 
 @pytest.fixture(scope="module")

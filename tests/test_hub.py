@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from runs import micro
+from runs import cli, micro
 from safetensors.torch import load_file, save_file
 
 from gptlib import config, evals, hub, presets, publish
@@ -28,11 +27,6 @@ FAKE_TOKEN = "hf_gptlibTestTokenThatMustNeverBeWritten42"
 DATASET_REPO = "someone/sentences"
 MODEL_REPO = "someone/micro-clipped"
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-def gptlib(env: dict[str, str], *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gptlib", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 def one_line(message: str) -> str:
@@ -92,10 +86,10 @@ def hub_env(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def run(hub_env: dict) -> Path:
     """A micro run trained (gradient-clipping) and evaluated with the CLI, offline."""
     run_dir = hub_env["root"] / "runs" / "micro-clip"
-    trained = gptlib(hub_env["env"], "train", "--scale", "micro", "--intervention", "gradient-clipping",
-                     "--run-dir", run_dir)
+    trained = cli("train", "--scale", "micro", "--intervention", "gradient-clipping",
+                  "--run-dir", run_dir, env=hub_env["env"])
     assert trained.returncode == 0, trained.stderr + trained.stdout
-    evaluated = gptlib(hub_env["env"], "eval", run_dir)
+    evaluated = cli("eval", run_dir, env=hub_env["env"])
     assert evaluated.returncode == 0, evaluated.stderr
     return run_dir
 
@@ -103,7 +97,7 @@ def run(hub_env: dict) -> Path:
 @pytest.fixture(scope="module")
 def published(run: Path, hub_env: dict) -> Path:
     out = hub_env["root"] / "publish"
-    result = gptlib(hub_env["env"], "publish", run, MODEL_REPO, "--dry-run", "--out", out)
+    result = cli("publish", run, MODEL_REPO, "--dry-run", "--out", out, env=hub_env["env"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("nothing uploaded")
     return out
@@ -118,8 +112,8 @@ def test_hf_dataset_from_a_local_dir_trains_offline(run: Path, hub_env: dict) ->
 
 
 def test_missing_hf_dataset_offline_is_one_line(hub_env: dict, tmp_path: Path) -> None:
-    result = gptlib(hub_env["env"], "train", "--scale", "micro", "--run-dir", tmp_path / "run",
-                    "--set", "train.dataset=hf:someone/missing")
+    result = cli("train", "--scale", "micro", "--run-dir", tmp_path / "run",
+                 "--set", "train.dataset=hf:someone/missing", env=hub_env["env"])
     assert result.returncode == 2
     message = one_line(result.stderr)
     local = hub_env["cache"] / "datasets" / "hf" / "someone--missing"
@@ -209,13 +203,13 @@ def test_publish_dry_run_round_trips_and_describes_the_run(run: Path, published:
 
 
 def test_eval_any_source_on_a_scale(run: Path, published: Path, hub_env: dict) -> None:
-    result = gptlib(hub_env["env"], "eval", published, "--scale", "micro")
+    result = cli("eval", published, "--scale", "micro", env=hub_env["env"])
     assert result.returncode == 0, result.stderr
     s = json.loads((run / "summary.json").read_text())
     assert result.stdout.startswith(f"Test loss: {s['test_loss']:.6f} ({published} on the micro test slice, "
                                     f"{s['eval_batches']:,} batches")
     assert "\nSmoke test: Every effort moves you" in result.stdout
-    missing = gptlib(hub_env["env"], "eval", "someone/not-cached", "--scale", "micro")
+    missing = cli("eval", "someone/not-cached", "--scale", "micro", env=hub_env["env"])
     assert missing.returncode == 2
     assert one_line(missing.stderr).startswith(
         "error: model someone/not-cached is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
@@ -371,29 +365,26 @@ def test_clear_one_line_errors(tmp_path: Path) -> None:
         evals.evaluate_model(hub.load_model(series), presets.resolve_config("gpt2-small-1gpu"))
 
 
-def test_a_fitted_bpe_travels_with_the_run_and_its_published_folder(tmp_path: Path) -> None:
+def test_a_fitted_bpe_travels_with_the_run_and_its_published_folder(
+        tmp_path: Path, micro_run: Callable[..., Path]) -> None:
     """`gptlib prepare --tokenizer bpe-N`, a run on it, its smoke test and its published folder all
     use that BPE (shipped as tokenizer.json), not GPT-2."""
-    from workbook import train_in_process
-
     from gptlib.tokenizer import BPETokenizer
 
     texts = [f"class Handler{i}:\n    def reply(self, request):\n        return request.body\n" * 4
              for i in range(30)]
     for i, text in enumerate(texts):
         (tmp_path / f"{i:02d}.txt").write_text(text)
-    made = subprocess.run([sys.executable, "-m", "gptlib", "prepare", str(tmp_path), "--out",
-                           str(tmp_path / "ds"), "--tokenizer", "bpe-300", "--validation-fraction", "0.2"],
-                          capture_output=True, text=True, timeout=120)
+    made = cli("prepare", tmp_path, "--out", tmp_path / "ds", "--tokenizer", "bpe-300",
+               "--validation-fraction", "0.2", timeout=120)
     assert made.returncode == 0, made.stderr
     assert "tokenizer bpe-300" in made.stdout and "fitting a 300-token BPE" in made.stderr
-    too_small = subprocess.run([sys.executable, "-m", "gptlib", "train", "--run-dir", str(tmp_path / "x"),
-                                "--set", f"train.dataset={tmp_path / 'ds'}", "--set", "model.vocab_size=200"],
-                               capture_output=True, text=True, timeout=120)
+    too_small = cli("train", "--run-dir", tmp_path / "x", "--set", f"train.dataset={tmp_path / 'ds'}",
+                    "--set", "model.vocab_size=200", timeout=120)
     assert too_small.returncode == 2
     assert too_small.stderr.strip().endswith("set model.vocab_size >= 300")
-    run = train_in_process(tmp_path / "run", micro(tmp_path / "ds", **{
-        "model.vocab_size": 300, "eval.smoke_prompt": "class Handler", "train.min_train_tokens": 4 * 32}))
+    run = micro_run("bpe/run", **{"train.dataset": str(tmp_path / "ds"), "model.vocab_size": 300,
+                                  "eval.smoke_prompt": "class Handler", "train.min_train_tokens": 4 * 32})
     result = evals.evaluate_run(run, batches=1)
     tokenizer = BPETokenizer.from_file(tmp_path / "ds" / "tokenizer.json")
     assert result.smoke_text.startswith("class Handler")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from papermill.exceptions import PapermillExecutionError
-from runs import micro, set_args
+from runs import cli, micro, set_args
 from workbook import ensure_python3_kernel, execute, outputs, text_of
 
 from gptlib import launch, paths, report
@@ -139,11 +139,8 @@ def test_sweep_reports_a_failed_run_and_still_renders_the_summary(
     (parameters / "interventions" / "explode.yaml").write_text(
         "train:\n  learning_rate: 1.0e+30  # diverges at once\n  max_nonfinite_steps: 1\n")
     env = {**os.environ, "GPTLIB_PARAMETERS": str(parameters)}
-    result = subprocess.run(
-        [sys.executable, "-m", "gptlib", "sweep", "--scale", "tiny",
-         "--interventions", "baseline,no-dropout,explode", "--outputs", str(out),
-         *set_args(micro(dataset))],
-        capture_output=True, text=True, timeout=600, cwd=elsewhere, env=env)
+    result = cli("sweep", "--scale", "tiny", "--interventions", "baseline,no-dropout,explode",
+                 "--outputs", out, *set_args(micro(dataset)), timeout=600, cwd=elsewhere, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "[1/3] baseline: completed earlier, skipped" in result.stdout
     assert "  no-dropout | step 8/8" in result.stdout  # the run's log, streamed
@@ -173,9 +170,8 @@ def test_sweep_checks_every_run_before_starting(tmp_path: Path) -> None:
     assert [r.name for r in runs] == ["baseline", "qkv-bias+no-dropout", "baseline-seed43",
                                       "qkv-bias+no-dropout-seed43"]
     assert runs[1].run_dir == tmp_path / "tiny" / "qkv-bias+no-dropout"
-    result = subprocess.run([sys.executable, "-m", "gptlib", "sweep", "--interventions",
-                             "baseline,no-dropuot", "--outputs", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+    result = cli("sweep", "--interventions", "baseline,no-dropuot", "--outputs", tmp_path / "out",
+                 timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown intervention 'no-dropuot'; allowed: no-dropout")
     assert not (tmp_path / "out").exists()

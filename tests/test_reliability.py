@@ -352,9 +352,7 @@ def test_a_hub_token_in_the_environment_is_written_nowhere(dataset: Path, tmp_pa
     token = "hf_FAKEtoken1234567890abcdefGHIJ"
     env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token}
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "gptlib", "train", "--run-dir", str(run_dir),
-                             *set_args(micro(dataset))], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = cli("train", "--run-dir", run_dir, *set_args(micro(dataset)), env=env)
     assert result.returncode == 0, result.stderr
     assert token not in result.stdout + result.stderr
     files = [p for p in run_dir.rglob("*") if p.is_file()]
