@@ -21,6 +21,7 @@ from gptlib.config import RunConfig
 from gptlib.metrics import periods, read_metrics
 from gptlib.presets import load_config
 from gptlib.rundir import read_spikes, read_summary
+from gptlib.verdicts import UNKNOWN, sd_text
 
 __all__ = [
     "RunData",
@@ -111,15 +112,24 @@ def _steps(records: list[dict]) -> list[int]:
     return [r["step"] + 1 for r in records]
 
 
-def _zoom(lows: list[float], highs: list[float]) -> list[float] | None:
-    """A y range that leaves out the first period's (initial, very high) losses."""
-    lows = [v for v in lows if v is not None and math.isfinite(v)]
-    highs = [v for v in highs if v is not None and math.isfinite(v)]
-    if not lows or not highs:
-        return None
-    lo, hi = min(lows), max(highs)
-    pad = 0.05 * (hi - lo) or 0.05
-    return [lo - pad, hi + pad]
+def reference_levels(data: RunData) -> dict[str, float]:
+    """Loss levels to read a curve against: the uniform guess ln V, the unigram level of the test
+    slice (once evaluated) and the published baseline test loss of the scale (full scale only)."""
+    from gptlib.summary import reference_results
+
+    levels = {"uniform guess ln V": data.summary.get("uniform_loss") or math.log(data.cfg.model.vocab_size)}
+    if data.summary.get("unigram_loss") is not None:
+        levels["unigram level (test slice)"] = data.summary["unigram_loss"]
+    published = reference_results(data.cfg.scale).set_index("run")["test_loss"].dropna()
+    if "baseline" in published:
+        levels["published baseline test loss"] = float(published["baseline"])
+    return levels
+
+
+def _reference_lines(fig: go.Figure, data: RunData) -> None:
+    for (name, level), dash in zip(reference_levels(data).items(), ("dot", "dash", "dashdot"), strict=False):
+        fig.add_hline(y=level, line={"dash": dash, "color": "rgb(120, 120, 120)", "width": 1},
+                      annotation_text=f"{name} {level:.3f}", annotation_position="top right")
 
 
 def loss_chart(run: str | Path | RunData) -> go.Figure:
@@ -129,7 +139,7 @@ def loss_chart(run: str | Path | RunData) -> go.Figure:
     fig = go.Figure()
     subtitle = (
         f"band = min–max of each {data.cfg.train.checkpoint_interval}-step checkpoint period; "
-        "x = optimizer steps"
+        "x = optimizer steps; log scale"
     )
     _layout(fig, f"{data.title}: training loss", subtitle, "loss (cross-entropy)", "step")
     if not data.records:
@@ -171,13 +181,8 @@ def loss_chart(run: str | Path | RunData) -> go.Figure:
             hovertemplate=("spike at step %{x}<br>loss %{y:.4f} (rolling median "
                            "%{customdata[0]:.4f})<br>grad norm %{customdata[1]:.3f}<extra></extra>"),
         )
-    if len(data.periods) >= 3:  # the first period holds the initial ~10.8 loss: zoom past it
-        rest = data.periods[1:]
-        zoom = _zoom([p["loss_min"] for p in rest], [p["loss_max"] for p in rest])
-        if zoom:
-            fig.update_yaxes(range=zoom)
-            fig.update_layout(title_subtitle_text=subtitle + "; first period off-scale "
-                              "(double-click to see all)")
+    _reference_lines(fig, data)
+    fig.update_yaxes(type="log")  # the whole curve: the drop from ln V and the slow tail both show
     return fig
 
 
@@ -250,10 +255,8 @@ def compare_loss_chart(runs: Mapping[str, str | Path] | pd.DataFrame, x: str = "
     if x not in ("tokens", "step"):
         raise ValueError(f"x={x!r}: allowed: tokens, step")
     fig = go.Figure()
-    _layout(fig, "Training loss by run", "checkpoint-period averages", "loss (cross-entropy)",
+    _layout(fig, "Training loss by run", "checkpoint-period averages; log scale", "loss (cross-entropy)",
             "tokens seen" if x == "tokens" else "step")
-    lows: list[float] = []
-    highs: list[float] = []
     for name, run_dir in _run_dirs(runs).items():
         if not (run_dir / "config.yaml").is_file():
             continue
@@ -266,44 +269,88 @@ def compare_loss_chart(runs: Mapping[str, str | Path] | pd.DataFrame, x: str = "
         avgs = [_nan(p["loss_avg"]) for p in data.periods]
         fig.add_scatter(x=xs, y=avgs, mode="lines", name=name,
                         hovertemplate=f"{name}<br>%{{x:,}}<br>loss %{{y:.4f}}<extra></extra>")
-        lows += avgs[1:]
-        highs += avgs[1:]
     if not fig.data:
         return _empty(fig, "no runs with metrics yet")
-    zoom = _zoom(lows, highs)
-    if zoom:
-        fig.update_yaxes(range=zoom)
+    fig.update_yaxes(type="log")
     return fig
+
+
+VERDICT_COLORS = {"better": "rgb(44, 160, 44)", "worse": "rgb(214, 39, 40)",
+                  "within noise": "rgb(150, 150, 150)", UNKNOWN: "rgb(205, 205, 205)"}
 
 
 def results_chart(table: pd.DataFrame) -> go.Figure:
-    """Test loss difference from the baseline per run (negative = better), with the published
-    reference difference beside it when the table has ``reference_delta``."""
-    done = table[table["test_loss"].notna()]
+    """Each intervention's mean test-loss difference from the baseline's seeds (negative =
+    better), coloured by its verdict, with its 95% interval where there is one, the ±1 baseline-SD
+    band, and the series' published difference as a marker. A bar far beyond the others is cut
+    at the axis and labelled with its value, so the small ones stay readable."""
+    from gptlib.summary import SERIES_SCALE, noise_table, reference_results
+
+    noise = noise_table(table)
+    rows = noise[(noise["intervention"] != "baseline") & noise["delta"].notna()]
     fig = go.Figure()
-    _layout(fig, "Test loss vs baseline", "test loss − baseline test loss; negative = better",
-            "Δ test loss", "")
-    if done.empty or done["delta_vs_baseline"].isna().all():
+    _layout(fig, "Test loss vs baseline", "mean over seeds − baseline mean; negative = better; "
+            "colour = verdict (gptlib.verdicts)", "Δ test loss", "")
+    if rows.empty:
         return _empty(fig, "no evaluated run and baseline yet")
-    fig.add_bar(x=done["run"], y=done["delta_vs_baseline"], name="this workbook",
-                customdata=done["test_loss"],
-                hovertemplate="%{x}<br>Δ %{y:+.6f}<br>test loss %{customdata:.6f}<extra></extra>")
-    if "reference_delta" in done and done["reference_delta"].notna().any():
-        fig.add_bar(x=done["run"], y=done["reference_delta"], name="published (Giles Thomas)",
-                    hovertemplate="%{x}<br>published Δ %{y:+.6f}<extra></extra>")
-    sd = done["baseline_sd"].dropna()
-    if len(sd):
-        fig.add_hrect(y0=-sd.iloc[0], y1=sd.iloc[0], fillcolor="grey", opacity=0.15, line_width=0,
-                      annotation_text="±1 SD of baseline seeds", annotation_position="top left")
-    fig.update_layout(barmode="group")
+    rows = rows.sort_values("delta")
+    names, deltas = rows["intervention"].tolist(), rows["delta"].astype(float).tolist()
+    lows = [d - lo if lo is not None and not pd.isna(lo) else None
+            for d, lo in zip(deltas, rows["ci_low"], strict=True)]
+    highs = [hi - d if hi is not None and not pd.isna(hi) else None
+             for d, hi in zip(deltas, rows["ci_high"], strict=True)]
+    verdicts = rows["verdict"].tolist()
+    for verdict, color in VERDICT_COLORS.items():
+        pick = [i for i, v in enumerate(verdicts) if v == verdict]
+        if not pick:
+            continue
+        fig.add_bar(
+            x=[names[i] for i in pick], y=[deltas[i] for i in pick], name=verdict,
+            marker={"color": color, "line": {"color": "rgb(90, 90, 90)", "width": 1}},
+            error_y={"type": "data", "symmetric": False, "array": [highs[i] or 0 for i in pick],
+                     "arrayminus": [lows[i] or 0 for i in pick], "color": "rgb(60, 60, 60)"},
+            text=[f"{verdict} ({rows['n'].iloc[i]} seed{'s' if rows['n'].iloc[i] != 1 else ''})"
+                  for i in pick], textposition="outside",
+            customdata=[[rows["n"].iloc[i], verdict] for i in pick],
+            hovertemplate="%{x}<br>Δ %{y:+.4f}<br>%{customdata[0]} seed(s): %{customdata[1]}"
+                          "<extra></extra>")
+    published = reference_results(SERIES_SCALE).set_index("run")["improvement_vs_baseline"].dropna()
+    series = [(n, -published[n]) for n in names if n in published]
+    if series:
+        fig.add_scatter(x=[n for n, _ in series], y=[d for _, d in series], mode="markers",
+                        name="series Δ (8x A100)", marker={"symbol": "diamond", "size": 11,
+                                                           "color": "black"},
+                        hovertemplate="%{x}<br>published Δ %{y:+.4f}<extra></extra>")
+    sd = noise.attrs.get("baseline_sd")
+    if sd:
+        fig.add_hrect(y0=-sd, y1=sd, fillcolor="rgb(255, 190, 60)", opacity=0.35, line_width=1,
+                      line_color="rgb(200, 130, 0)", layer="below",
+                      annotation_text=f"±1 SD of the baseline's seeds ({sd_text(sd)})",
+                      annotation_position="top left")
+    _cut_outliers(fig, names, deltas, [*(abs(v) for v in (lows + highs) if v), sd or 0])
+    fig.update_layout(barmode="overlay", xaxis={"categoryorder": "array", "categoryarray": names})
     return fig
 
 
+def _cut_outliers(fig: go.Figure, names: list[str], deltas: list[float], spreads: list[float]) -> None:
+    """Limit the y axis when one bar is over 4x the next largest, and label the bars it cuts."""
+    sizes = sorted((abs(d) for d in deltas), reverse=True)
+    if len(sizes) < 3 or sizes[0] <= 4 * sizes[1]:
+        return
+    limit = 1.6 * max(sizes[1], *spreads)
+    fig.update_yaxes(range=[-limit, limit])
+    for name, delta in zip(names, deltas, strict=True):
+        if abs(delta) > limit:
+            fig.add_annotation(x=name, y=math.copysign(0.92 * limit, delta), showarrow=False,
+                               text=f"<b>{delta:+.3f}</b> (off the axis)", bgcolor="white")
 
-def loss_charts(runs: Mapping[str, str | Path] | pd.DataFrame) -> list[go.Figure]:
-    """:func:`loss_chart` of every run that has metrics (e.g. the rows of a runs table)."""
+
+def loss_charts(runs: Mapping[str, str | Path] | pd.DataFrame, spiked_only: bool = False) -> list[go.Figure]:
+    """:func:`loss_chart` of every run that has metrics (e.g. the rows of a runs table); with
+    ``spiked_only``, of those whose spikes.json records a spike."""
     return [loss_chart(d) for d in _run_dirs(runs).values()
-            if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file()]
+            if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file()
+            and (not spiked_only or read_spikes(d))]
 
 
 def save_run_charts(run_dir: str | Path) -> list[Path]:

@@ -36,6 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n".join(evaluate_run(run_dir).lines()))
     print(f"Run folder: {run_dir}" + ("" if not args.no_eval else
                                       f" (evaluate it with: gptlib eval {run_dir})"))
+    print(f"Compare the runs of scale {cfg.scale}: papermill notebooks/summary.ipynb "
+          f"outputs/{cfg.scale}/summary.ipynb -p scale {cfg.scale}")
     return 0
 
 
@@ -61,9 +63,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("\n".join(result.lines()[1:]))
         return 0
     from gptlib.evals import evaluate_run
+    from gptlib.rundir import read_summary
 
     result = evaluate_run(args.run_dir, args.checkpoint, args.batches, args.device)
     print("\n".join(result.lines()))
+    recorded = read_summary(args.run_dir)
+    if recorded.get("test_loss") != result.test_loss:
+        kept = f"{recorded.get('test_loss', 'not measured')} ({recorded.get('eval_checkpoint', 'none')})"
+        print(f"Recorded beside the run's result in summary.json (evaluations); the run's test loss "
+              f"stays {kept}.")
     return 0
 
 
@@ -87,17 +95,11 @@ def _seeds(value: str) -> list[int]:
             from None
 
 
-def _overrides(items: list[str]) -> dict[str, str]:
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise ConfigError(f"--set {bad[0]!r}: expected key=value, e.g. model.n_layers=2")
-    return dict(item.split("=", 1) for item in items)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from gptlib.presets import parse_overrides
     from gptlib.sweep import report_lines, sweep
 
-    outcomes = sweep(args.scale, args.interventions, args.seeds, args.force, _overrides(args.set),
+    outcomes = sweep(args.scale, args.interventions, args.seeds, args.force, parse_overrides(args.set),
                      args.nproc, args.outputs, every_seed=args.every_seed)
     lines = report_lines(outcomes)
     print("\n".join(lines), file=sys.stderr if len(lines) > 1 else sys.stdout)
@@ -108,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptlib", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train one run under torchrun")
+    from gptlib.presets import list_interventions, list_scales
+
+    train = sub.add_parser(
+        "train", help="train one run under torchrun",
+        description="Train one run (a scale + interventions + a seed) under torchrun into "
+                    "outputs/<scale>/<run-name>, then score its test loss and smoke test. "
+                    f"Scales: {', '.join(list_scales())}. Interventions (join several with +): "
+                    f"{', '.join(list_interventions())}.")
     train.add_argument("--scale", default="tiny", help="a file of parameters/scales (default tiny)")
     train.add_argument("--intervention", default="baseline",
                        help="interventions joined by + (default baseline)")
@@ -128,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="tokenise text or parquet files into a dataset")
     prepare.add_argument("inputs", nargs="+", type=Path, help=".txt or .parquet (text column)")
     prepare.add_argument("--out", type=Path, required=True, help="dataset directory to write")
-    prepare.add_argument("--validation-fraction", type=float, default=0.01)
-    prepare.add_argument("--workers", type=int, default=None)
+    prepare.add_argument("--validation-fraction", type=float, default=0.01,
+                         help="share of the tokens, as whole documents from the end, held out as the "
+                              "validation split (default 0.01)")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="processes that tokenise GPT-2 ids in parallel (default: the CPU count)")
     prepare.add_argument("--tokenizer", default="gpt2",
                          help="gpt2 (default: GPT-2's ids) or bpe-<N>: a byte-level BPE of N tokens "
                               "fitted to the training documents, saved as tokenizer.json")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptlib.data import DataError
+from gptlib.display import notice
 from gptlib.prepare import publish_dir, tokenize_into
 from gptlib.sources import BUILTIN_PYTHON_STDLIB, default_cache_dir
 from gptlib.tokenizer import train_bpe
@@ -123,7 +124,7 @@ def fingerprint(stdlib: Path) -> str:
 
 
 def _say(message: str) -> None:
-    print(f"gptlib: {message}", file=sys.stderr, flush=True)
+    notice(f"gptlib: {message}")
 
 
 def build_python_stdlib(cache_dir: Path | None = None) -> Path:

@@ -255,11 +255,12 @@ def evaluate_run(
     write: bool = True,
 ) -> EvalResult:
     """Test loss, its reference levels and the smoke test of one checkpoint of a run (default: the
-    config's ``eval.checkpoint``); merged into summary.json if ``write``."""
-    if checkpoint is None:
-        config = Path(run_dir) / "config.yaml"
-        checkpoint = load_config(config).eval.checkpoint if config.is_file() else "best"
-    cfg, model, path = load_run(run_dir, checkpoint, device)
+    config's ``eval.checkpoint``), recorded in summary.json if ``write``: under ``evaluations``
+    by checkpoint always, and as the run's result (the top-level ``test_loss`` ...) only when it
+    is the evaluation the config asks for (its ``eval.checkpoint``, all of ``eval.batches``)."""
+    config = Path(run_dir) / "config.yaml"
+    default = load_config(config).eval.checkpoint if config.is_file() else "best"
+    cfg, model, path = load_run(run_dir, checkpoint or default, device)
     loss, n, precision = slice_loss(model, cfg, batches)
     unigram, uniform = unigram_loss(cfg, batches)
     result = EvalResult(
@@ -273,7 +274,8 @@ def evaluate_run(
         uniform_loss=uniform,
     )
     if write:
-        rundir.merge_summary(Path(run_dir), asdict(result))
+        primary = path == ckpt.resolve_checkpoint(run_dir, default) and batches in (None, cfg.eval.batches)
+        rundir.record_evaluation(Path(run_dir), asdict(result), primary)
     return result
 
 

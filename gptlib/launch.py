@@ -7,7 +7,6 @@ precision, dataset, token budget, resume target, an existing run), so a bad inpu
 
 from __future__ import annotations
 
-import fcntl
 import math
 import os
 import re
@@ -28,6 +27,7 @@ from gptlib import paths, rundir
 from gptlib.config import ConfigError, RunConfig, check_world_size, config_changes
 from gptlib.data import token_budget
 from gptlib.device import pick_device, resolve_precision
+from gptlib.lifeline import WRITER_LOCK, remove_lock, try_lock
 from gptlib.model import GPTModel, count_parameters
 from gptlib.presets import load_config, resolve_config
 from gptlib.sources import check_vocab_size, dataset_split
@@ -162,24 +162,26 @@ def lock_run_dir(run_dir: Path) -> None:
     if key in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
+    fd = try_lock(run_dir / LOCK_FILE)
+    if fd is None:
+        try:
+            holder = (run_dir / LOCK_FILE).read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
         raise ConfigError(f"{run_dir} is in use by another run (pid {holder}); wait for it "
-                          "to finish or choose another --run-dir") from None
+                          "to finish or choose another --run-dir")
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _held_locks[key] = fd
 
 
 def unlock_run_dir(run_dir: Path) -> None:
+    """Release the run directory's lock and remove its lock files (the trainers' writer lock
+    too, once no trainer holds it)."""
     fd = _held_locks.pop(run_dir.resolve(), None)
     if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        remove_lock(run_dir / WRITER_LOCK)
+        remove_lock(run_dir / LOCK_FILE, fd)
 
 
 def torchrun_command(run_dir: Path, nproc: int, resume: str | None = None) -> list[str]:

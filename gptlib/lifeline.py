@@ -27,17 +27,45 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+WRITER_LOCK = ".writer-lock"
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive flock on `path` (created if needed) without waiting: its file descriptor, or
+    None while another process holds it. A lock file removed and re-created meanwhile (see
+    :func:`remove_lock`) is opened again, so two processes never hold locks on different files."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def remove_lock(path: Path, fd: int | None = None) -> None:
+    """Delete a lock file while holding it (taking it first unless `fd` holds it already), so a
+    finished run folder keeps no lock files; left in place while another process holds it."""
+    fd = try_lock(path) if fd is None else fd
+    if fd is None:
+        return
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
 def hold_writer_lock(run_dir: Path, wait_s: float = 60.0) -> int:
     """Block until this process is the only trainer writing to `run_dir` (an orphaned worker of a
     killed launcher still finishing, say); returns the lock's file descriptor, released on exit."""
-    fd = os.open(run_dir / ".writer-lock", os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"another training process is still writing to {run_dir}; "
-                                   "stop it before starting this run") from None
-            time.sleep(0.2)
+    while (fd := try_lock(run_dir / WRITER_LOCK)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"another training process is still writing to {run_dir}; "
+                               "stop it before starting this run")
+        time.sleep(0.2)
+    return fd

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from gptlib.data import DataError, check_positive, write_tokens_atomic
+from gptlib.display import notice
 from gptlib.tokenizer import (
     BPE_FILE,
     BPETokenizer,
@@ -183,9 +184,8 @@ def _stream_tokens(raw_path: Path, encoded: Iterable[tuple[np.ndarray, np.ndarra
             if progress and time.monotonic() - last_report >= 10:
                 last_report = time.monotonic()
                 elapsed = last_report - started
-                print(f"prepare: {n_docs:,} documents, {n_tokens:,} tokens "
-                      f"({n_docs / elapsed:,.0f} docs/s, {n_tokens / elapsed:,.0f} tokens/s)",
-                      file=sys.stderr, flush=True)
+                notice(f"prepare: {n_docs:,} documents, {n_tokens:,} tokens "
+                       f"({n_docs / elapsed:,.0f} docs/s, {n_tokens / elapsed:,.0f} tokens/s)")
     return np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, dtype=np.int64)
 
 
@@ -301,7 +301,7 @@ def prepare_dataset(
 
     def say(message: str) -> None:
         if progress:
-            print(f"prepare: {message}", file=sys.stderr, flush=True)
+            notice(f"prepare: {message}")
 
     meta: dict[str, Any] = {"source": [str(f) for f in files]}
     if vocab_size is None:

@@ -14,10 +14,11 @@ import difflib
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from gptlib import config
@@ -29,12 +30,25 @@ from gptlib.config import (
     apply_delta,
     closest_first,
     coerce,
+    config_changes,
     field_types,
     one_line,
     set_key,
 )
+from gptlib.device import resolve_precision
 from gptlib.paths import short_path
 from gptlib.rundir import read_json_object
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``["key=value", ...]`` (the CLI's ``--set``) as a dict; anything else is one clear error."""
+    parsed = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. model.n_layers=2 or nproc=2")
+        key, value = item.split("=", 1)
+        parsed[key.strip()] = value.strip()
+    return parsed
 
 
 def _named(path: Path) -> str:
@@ -142,6 +156,9 @@ def _split_interventions(intervention: str | list[str]) -> list[str]:
         )
     valid = sorted({*list_interventions(), "baseline"})
     for name in names:
+        if name not in valid and "," in name:
+            raise ConfigError(f"intervention {name!r}: join interventions with '+', e.g. "
+                              f"{'+'.join(part.strip() for part in name.split(','))}")
         if name not in valid:
             raise ConfigError(f"unknown intervention {name!r}; allowed: {closest_first(name, valid)}")
         if names.count(name) > 1:
@@ -155,17 +172,7 @@ def _parse_overrides(overrides: Mapping[str, Any] | list[str] | str) -> dict[str
     if isinstance(overrides, str):
         parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
         overrides = parsed if isinstance(parsed, dict) else overrides.split()
-    if isinstance(overrides, Mapping):
-        items = list(overrides.items())
-    else:
-        items = []
-        for item in overrides:
-            if not isinstance(item, str) or "=" not in item:
-                raise ConfigError(
-                    f"override {item!r}: expected key=value, e.g. model.n_layers=2 or nproc=2"
-                )
-            key, value = item.split("=", 1)
-            items.append((key.strip(), value.strip()))
+    items = list((overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)).items())
 
     delta: dict[str, Any] = {}
     for key, value in items:
@@ -273,3 +280,27 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _resolved_precision(precision: str, device_type: str) -> str:
+    """``auto`` as the launcher resolved it on the run's device type, when this machine can tell
+    (else ``auto`` stays); other precisions as they are."""
+    if precision != "auto" or (device_type == "cuda" and not torch.cuda.is_available()):
+        return precision
+    try:
+        return resolve_precision(precision, torch.device(device_type))
+    except Exception:  # an unknown device type
+        return precision
+
+
+def baseline_changes(cfg: RunConfig, device_type: str = "cpu") -> list[tuple[str, Any, Any]] | None:
+    """(key, baseline value, run value) for every model/train/eval setting of ``cfg`` that differs
+    from its scale's baseline (precision ``auto`` resolved for ``device_type`` as the launcher
+    does); None when the scale is not a preset of this checkout."""
+    try:
+        base = resolve_config(cfg.scale)
+    except ConfigError:
+        return None
+    base.train.precision = _resolved_precision(base.train.precision, device_type)
+    skip = {"scale", "interventions", "nproc"}
+    return [change for change in config_changes(base, cfg) if change[0] not in skip]

@@ -14,23 +14,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from gptlib import checkpoint as ckpt
-from gptlib.config import ConfigError, RunConfig, config_changes
+from gptlib.config import RunConfig
 from gptlib.data import DataError
-from gptlib.device import resolve_precision
 from gptlib.display import format_duration
 from gptlib.hub import GPTLIB_MODEL_TYPE, WEIGHTS, HubError, build_model, error_line
 from gptlib.model import count_parameters
-from gptlib.presets import load_config, resolve_config
+from gptlib.presets import baseline_changes, load_config
 from gptlib.rundir import read_summary
 from gptlib.sources import hf_offline, open_tokenizer
 from gptlib.tokenizer import BPE_FILE, BPETokenizer, GPT2Tokenizer, Tokenizer
 
-__all__ = ["build_folder", "config_diff", "model_card", "publish_run", "upload"]
+__all__ = ["build_folder", "model_card", "publish_run", "upload"]
 
 PUBLISH_FILES = (WEIGHTS, "config.json", "README.md", "loss.png", "loss.html", BPE_FILE)
 PROJECT_URL = "https://github.com/gpjt/ddp-base-model-from-scratch"  # the series' code
@@ -39,30 +37,6 @@ PROJECT_URL = "https://github.com/gpjt/ddp-base-model-from-scratch"  # the serie
 def _check_repo_id(repo_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or ".." in repo_id:
         raise HubError(f"repo id {repo_id!r} must be <owner>/<name> (letters, digits, '-', '_', '.')")
-
-
-def _resolved_precision(precision: str, device_type: str) -> str:
-    """``auto`` as the launcher resolved it on the run's device type, when this machine can tell
-    (else ``auto`` stays); other precisions as they are."""
-    if precision != "auto" or (device_type == "cuda" and not torch.cuda.is_available()):
-        return precision
-    try:
-        return resolve_precision(precision, torch.device(device_type))
-    except Exception:  # an unknown device type
-        return precision
-
-
-def config_diff(cfg: RunConfig, device_type: str = "cpu") -> list[tuple[str, Any, Any]] | None:
-    """(key, baseline value, run value) for every model/train/eval setting of ``cfg`` that differs
-    from its scale's baseline (precision ``auto`` resolved for ``device_type`` as the launcher
-    does); None when the scale is not a preset of this checkout."""
-    try:
-        base = resolve_config(cfg.scale)
-    except ConfigError:
-        return None
-    base.train.precision = _resolved_precision(base.train.precision, device_type)
-    skip = {"scale", "interventions", "nproc"}
-    return [change for change in config_changes(base, cfg) if change[0] not in skip]
 
 
 def _yaml_value(value: Any) -> str:
@@ -135,7 +109,7 @@ def model_card(repo_id: str, checkpoint: str, cfg: RunConfig, summary: dict[str,
                                         f"{summary.get('skipped_steps', 'n/a')}"),
         ("Run status", str(summary.get("status", "unknown"))),
     ]
-    diff = config_diff(cfg, str(summary.get("device", "cpu")).split(":")[0])
+    diff = baseline_changes(cfg, str(summary.get("device", "cpu")).split(":")[0])
     if diff is None:
         changes = f"Scale `{cfg.scale}` is not a preset of this checkout, so no baseline to compare."
     elif not diff:

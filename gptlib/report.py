@@ -31,10 +31,12 @@ from gptlib.charts import grad_norm_chart, loss_chart, lr_chart, save_run_charts
 from gptlib.checkpoint import CheckpointError
 from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
+from gptlib.display import in_kernel
 from gptlib.evals import reference_line
 from gptlib.launch import LaunchError, launch
 from gptlib.paths import short_path
 from gptlib.rundir import end_of_run_lines, read_summary
+from gptlib.verdicts import loss_text, sd_text
 
 __all__ = [
     "NOTEBOOK_ERRORS",
@@ -62,19 +64,9 @@ _state = {"plotlyjs_shown": False}
 # ------------------------------------------------------------------------------ display basics
 
 
-def _in_kernel() -> bool:
-    """True inside a Jupyter kernel (where display outputs go to the notebook)."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
-
-
 def _display(bundle: dict[str, Any], display_id: str | bool | None = None) -> Any:
     """Display a raw mime bundle in a notebook, or print its text elsewhere."""
-    if not _in_kernel():
+    if not in_kernel():
         print(bundle.get("text/plain", ""))
         return None
     from IPython.display import display
@@ -95,7 +87,7 @@ def _one_line_traceback(error: BaseException) -> list[str]:
 
 def _embed_plotlyjs(again: bool = False) -> None:
     """Display plotly.js inline as an HTML output (once per kernel unless ``again``)."""
-    if (_state["plotlyjs_shown"] and not again) or not _in_kernel():
+    if (_state["plotlyjs_shown"] and not again) or not in_kernel():
         return
     script = ("<script type=\"text/javascript\">window.PlotlyConfig = {MathJaxConfig: 'local'};"
               f"</script>\n<script type=\"text/javascript\">{get_plotlyjs()}</script>")
@@ -137,7 +129,7 @@ def figure_bundle(fig: go.Figure) -> dict[str, Any]:
 
 def show(fig: go.Figure) -> None:
     """Display a figure so that it survives saving, nbconvert and offline viewing."""
-    if not _in_kernel():
+    if not in_kernel():
         print(f"<Plotly figure: {fig.layout.title.text}>")
         return
     _embed_plotlyjs()
@@ -156,7 +148,9 @@ class Progress:
     """Training output as ONE display, updated in place: the lines before training, a progress
     bar with the latest step line, the latest checkpoint line, then the lines after (the
     end-of-run lines). torchrun's own report of a failure is left out (the LaunchError that
-    follows names the rank and the cause). Outside a notebook every line is printed as it comes.
+    follows names the rank and the cause). Every checkpoint line and the step line at each tenth
+    of the run are also printed, so ``papermill --log-output`` shows progress in the terminal.
+    Outside a notebook every line is printed as it comes.
 
     Use as ``on_line`` callback of :func:`gptlib.launch.launch`, in a ``with`` block.
     """
@@ -169,9 +163,10 @@ class Progress:
         self.tail: deque[str] = deque(maxlen=keep)
         self.keep = keep
         self._last_update = 0.0
+        self._tenth = 0
         self._muted = False
         self._handle = _display({"text/plain": "starting ..."}, display_id=True) \
-            if _in_kernel() else None
+            if in_kernel() else None
 
     def text(self) -> str:
         """What the display shows now."""
@@ -192,17 +187,28 @@ class Progress:
         self._muted = self._muted or bool(_AGENT_FAILURE.match(line))
         if self._muted:
             return
-        routine = bool(_STEP_LINE.match(line))
-        if routine:
+        step = _STEP_LINE.match(line)
+        routine = bool(step)
+        if step:
             self.step_line = line
+            self._log_tenth(*(int(g.replace(",", "")) for g in step.groups()), line)
         elif line.startswith("checkpoint step-"):
             self.checkpoint_line = line
+            print(line, flush=True)
         elif self.step_line is None and self.checkpoint_line is None and len(self.head) < self.keep:
             self.head.append(line)
         else:
             self.tail.append(line)
         if not routine or time.monotonic() - self._last_update >= self.min_interval_s:
             self.refresh()
+
+    def _log_tenth(self, done: int, total: int, line: str) -> None:
+        """Also print the step line at each tenth of the run, as a plain stream line: the display
+        updates in place, which ``papermill --log-output`` cannot show in a terminal."""
+        tenth = 10 * done // max(total, 1)
+        if tenth > self._tenth:
+            self._tenth = tenth
+            print(line, flush=True)
 
     def refresh(self) -> None:
         """Redraw the display now."""
@@ -234,25 +240,41 @@ def train(run_dir: str | Path, nproc: int, resume: str | None = None,
 
 
 def show_config(cfg: RunConfig, run_dir: str | Path, nproc: int) -> None:
-    """The resolved configuration (what config.yaml holds) and where the run goes."""
+    """Where the run goes and what it changes from its scale's baseline (the whole resolved
+    configuration is the run's config.yaml)."""
+    from gptlib.device import pick_device
+    from gptlib.presets import baseline_changes
+
     head = f"Run {cfg.scale}/{cfg.run_name} -> {short_path(Path(run_dir))} ({nproc} process(es))"
-    body = cfg.to_yaml()
-    _display({"text/plain": f"{head}\n\n{body}",
-              "text/markdown": f"**{head}**\n\n```yaml\n{body}```\n"})
+    changes = baseline_changes(cfg, pick_device(cfg.train.device).type)
+    full = f"The whole configuration: {short_path(Path(run_dir) / 'config.yaml')}."
+    if changes is None:
+        plain = rich = f"Scale {cfg.scale} is not a preset here, so there is no baseline to compare. {full}"
+    elif not changes:
+        plain = rich = f"No changes: this is the {cfg.scale} baseline configuration. {full}"
+    else:
+        plain = "\n".join([f"Changes from the {cfg.scale} baseline:",
+                           *(f"  {key}: {before!r} -> {after!r}" for key, before, after in changes), full])
+        rows = "".join(f"| `{key}` | `{before!r}` | `{after!r}` |\n" for key, before, after in changes)
+        rich = (f"Changes from the `{cfg.scale}` baseline:\n\n"
+                f"| setting | baseline | this run |\n|---|---|---|\n{rows}\n{full}")
+    _display({"text/plain": f"{head}\n{plain}", "text/markdown": f"**{head}**\n\n{rich}\n"})
 
 
-def _baseline_line(run_dir: Path, summary: dict) -> str:
-    baseline_dir = run_dir.parent / "baseline"
-    if run_dir.resolve() == baseline_dir.resolve():
-        return f"This is the baseline of scale {run_dir.parent.name}."
-    baseline = read_summary(baseline_dir).get("test_loss")
-    if baseline is None:
-        return (f"No baseline test loss yet ({short_path(baseline_dir / 'summary.json')}): train the "
-                "baseline of this scale to compare.")
-    delta = summary["test_loss"] - baseline
-    verdict = "better than" if delta < 0 else "worse than" if delta > 0 else "the same as"
-    return (f"Baseline ({short_path(baseline_dir)}): {baseline:.6f}; difference {delta:+.6f} "
-            f"({verdict} the baseline).")
+def _baseline_line(run_dir: Path) -> str:
+    """This run against the baseline's seeds, in the words every page uses (gptlib.verdicts)."""
+    from gptlib.summary import run_comparison
+
+    group, comparison = run_comparison(run_dir)
+    if group == "baseline":
+        return (f"This is a baseline run of scale {run_dir.parent.name}: one sample of the "
+                "baseline's seed noise, compared with nothing.")
+    if comparison is None or comparison.delta is None:
+        return (f"No evaluated baseline beside it in {short_path(run_dir.parent)}: train the baseline "
+                "of this scale to compare.")
+    base = (f"Baseline: mean {loss_text(comparison.baseline_mean)} over {comparison.n_baseline} "
+            f"seed(s)" + (f", SD {sd_text(comparison.baseline_sd)}" if comparison.baseline_sd else ""))
+    return f"{base}. {comparison.line(group)}"
 
 
 def show_evaluation(run_dir: str | Path) -> None:
@@ -264,11 +286,15 @@ def show_evaluation(run_dir: str | Path) -> None:
         _text(f"{short_path(run_dir)} is not evaluated yet: gptlib eval {short_path(run_dir)}")
         return
     checkpoint = summary.get("eval_checkpoint", "?")
-    loss = f"Test loss: {summary['test_loss']:.6f} (checkpoint {checkpoint})"
+    loss = f"Test loss: {summary['test_loss']:.4f} (checkpoint {checkpoint})"
     references = (reference_line(summary["test_loss"], summary["unigram_loss"],
                                  summary["uniform_loss"])
                   if summary.get("unigram_loss") is not None else "")
-    compare = _baseline_line(run_dir, summary)
+    compare = _baseline_line(run_dir)
+    others = [f"{key}: {value['test_loss']:.4f}" for key, value in summary.get("evaluations", {}).items()
+              if value.get("test_loss") != summary["test_loss"]]
+    if others:
+        compare += " Also evaluated (not the run's result): " + "; ".join(others) + "."
     smoke = summary.get("smoke_text", "")
     plain = f"Smoke test: {smoke}\n\n{loss}\n{references}\n{compare}"
     rich = (f"<p><b>Smoke test</b> (checkpoint {html.escape(checkpoint)}):</p>"

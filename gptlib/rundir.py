@@ -69,6 +69,15 @@ def merge_summary(run_dir: str | Path, values: dict) -> None:
     write_text_atomic(path, json.dumps({**previous, **values}, indent=2) + "\n")
 
 
+def record_evaluation(run_dir: str | Path, result: dict, primary: bool) -> None:
+    """Store an evaluation under summary.json's ``evaluations`` (by checkpoint, with its batch
+    count when it did not score the whole slice the config asks for); the ``primary`` one is also
+    the run's result (``test_loss``, ``eval_checkpoint`` ... at the top level)."""
+    key = result["eval_checkpoint"] + ("" if primary else f" ({result['eval_batches']:,} batches)")
+    evaluations = {**read_summary(run_dir).get("evaluations", {}), key: result}
+    merge_summary(run_dir, {**(result if primary else {}), "evaluations": evaluations})
+
+
 def read_status(run_dir: str | Path) -> str:
     """summary.json's status, or "no summary"."""
     summary = read_json(Path(run_dir) / SUMMARY)

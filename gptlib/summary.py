@@ -3,9 +3,10 @@
 :func:`collect_runs` reads only the files in ``outputs/<scale>/<run>/`` (``summary.json``,
 ``config.yaml``, ``metrics.jsonl`` and, for a run that never started training, the rendered
 ``train.ipynb``), so runs that failed or are still running appear with their status rather than
-being dropped. Deltas are against the baseline run of the same seed (else the seed-42 baseline);
-"negative = better". The published numbers of Giles Thomas's series live in
-``gptlib/reference_results.csv``.
+being dropped. Every difference from the baseline, and its verdict, comes from
+:func:`gptlib.verdicts.compare`: a run's delta is its test loss minus the mean of the baseline's
+evaluated seeds, and its verdict is its intervention's over all their seeds ("negative = better").
+The published numbers of Giles Thomas's series live in ``gptlib/reference_results.csv``.
 """
 
 from __future__ import annotations
@@ -20,19 +21,21 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from gptlib.config import ConfigError, closest_first
 from gptlib.display import format_duration
 from gptlib.metrics import read_metrics
-from gptlib.paths import OUTPUTS_DIR
+from gptlib.paths import OUTPUTS_DIR, short_path
 from gptlib.rundir import read_summary
+from gptlib.verdicts import MIN_SEEDS, UNKNOWN, Comparison, compare, delta_text, loss_text, sd_text
 
 __all__ = ["COLUMNS", "read_summary", "run_status", "find_runs", "collect_runs",
-           "reference_results", "reference_table", "table", "noise_table", "verdict",
+           "reference_results", "reference_table", "table", "noise_table", "noise_view",
            "series_comparison"]
 
 COLUMNS = [
-    "run", "status", "test_loss", "delta_vs_baseline", "delta_sd", "baseline_sd", "wall_time_s",
-    "tokens_per_s", "final_train_loss", "spike_count", "best_step", "tokens_seen", "seed",
-    "interventions", "eval_checkpoint", "error", "run_dir",
+    "run", "status", "test_loss", "delta_vs_baseline", "delta_sd", "baseline_sd", "verdict",
+    "wall_time_s", "tokens_per_s", "final_train_loss", "spike_count", "best_step", "tokens_seen",
+    "seed", "interventions", "eval_checkpoint", "error", "run_dir",
 ]
 RUN_MARKERS = ("summary.json", "config.yaml", "train.ipynb")
 
@@ -100,6 +103,8 @@ def _row(run_dir: Path) -> dict:
     config = _read_config(run_dir)
     train = config.get("train") or {}
     status, error = run_status(run_dir, summary)
+    if status == "completed (not evaluated)" and not error:
+        error = f"not evaluated: gptlib eval {short_path(run_dir)}"
     return {
         "run": run_dir.name,
         "status": status,
@@ -118,29 +123,45 @@ def _row(run_dir: Path) -> dict:
     }
 
 
-def _add_deltas(df: pd.DataFrame, reference_sd: float | None) -> pd.DataFrame:
-    """delta_vs_baseline (vs the same-seed baseline, else the seed-42 one), baseline_sd, delta_sd."""
-    is_base = df["interventions"].apply(lambda v: v == [])
-    bases = df[is_base & df["test_loss"].notna()].sort_values("run", key=lambda r: r != "baseline")
-    bases = bases.drop_duplicates("seed")  # one result per seed; "baseline" wins a tie
-    by_seed = dict(zip(bases["seed"], bases["test_loss"], strict=True))
-    default = bases.loc[bases["run"] == "baseline", "test_loss"]
-    fallback = default.iloc[0] if len(default) else None
-    sd = statistics.stdev(bases["test_loss"]) if len(bases) >= 2 else reference_sd
+def _group(interventions: object) -> str | None:
+    if not isinstance(interventions, list):
+        return None
+    return "+".join(interventions) or "baseline"
+
+
+def _add_deltas(df: pd.DataFrame) -> pd.DataFrame:
+    """delta_vs_baseline (test loss - the baseline seeds' mean), baseline_sd, delta_sd and the
+    verdict of the run's intervention over all its seeds (:func:`gptlib.verdicts.compare`)."""
+    groups = df["interventions"].apply(_group)
+    evaluated = df["test_loss"].notna() & groups.notna()
+    baseline = df.loc[evaluated & (groups == "baseline"), "test_loss"].tolist()
+    base_mean = statistics.fmean(baseline) if baseline else None
+    sd = statistics.stdev(baseline) if len(baseline) >= MIN_SEEDS else None
+    verdicts = {group: compare(losses.tolist(), baseline).verdict
+                for group, losses in df.loc[evaluated].groupby(groups[evaluated])["test_loss"]
+                if group != "baseline"}
+    is_base = groups == "baseline"
     df["delta_vs_baseline"] = [
-        (loss - by_seed.get(seed, fallback)) if loss is not None and not math.isnan(loss)
-        and by_seed.get(seed, fallback) is not None else None
-        for loss, seed in zip(df["test_loss"], df["seed"], strict=True)
-    ]
-    df["delta_vs_baseline"] = df["delta_vs_baseline"].astype(float)
-    df["baseline_sd"] = sd
+        loss - base_mean if base_mean is not None and not base and not math.isnan(loss) else math.nan
+        for loss, base in zip(df["test_loss"], is_base, strict=True)]
+    df["baseline_sd"] = math.nan if sd is None else sd
     df["delta_sd"] = df["delta_vs_baseline"] / sd if sd else math.nan
-    df.attrs["noise"] = (
-        f"baseline SD {sd:.6f} from {len(bases)} baseline seeds" if len(bases) >= 2
-        else f"baseline SD {sd:.4f}: the published one (fewer than 2 baseline seeds here)"
-        if sd else "baseline SD unknown: train the baseline with more seeds (--seeds 42,43,44)"
-    )
+    df["verdict"] = ["baseline seed" if base else verdicts.get(group, "not evaluated" if group else "—")
+                     for group, base in zip(groups, is_base, strict=True)]
+    df.attrs["noise"] = _noise_note(df, baseline, sd)
     return df
+
+
+def _noise_note(df: pd.DataFrame, baseline: list[float], sd: float | None) -> str:
+    """How much the baseline's seeds say, and what would say more."""
+    is_base = df["interventions"].apply(lambda v: v == [])
+    waiting = df.loc[is_base & (df["status"] == "completed (not evaluated)"), "run_dir"].tolist()
+    hint = "".join(f"; {Path(d).name} is not evaluated: gptlib eval {short_path(d)}" for d in waiting)
+    if sd is not None:
+        return (f"baseline: {len(baseline)} evaluated seeds, mean {loss_text(statistics.fmean(baseline))}, "
+                f"SD {sd_text(sd)}{hint}")
+    return (f"baseline SD unknown: {len(baseline)} evaluated baseline seed(s), a verdict needs "
+            f">= {MIN_SEEDS} (gptlib sweep --interventions baseline --seeds 42,43,44){hint}")
 
 
 def collect_runs(
@@ -150,19 +171,36 @@ def collect_runs(
     listed run without a directory shows as "not run"), with the published results of the scale
     (``reference_test_loss``, ``reference_delta``) when there are any."""
     base = Path(outputs_dir or OUTPUTS_DIR) / scale
+    _check_scale(base, scale)
     if isinstance(runs, str) and runs != "all":
         runs = [name.strip() for name in runs.split(",") if name.strip()]
     dirs = find_runs(outputs_dir, scale) if runs == "all" else [base / name for name in runs]
     df = pd.DataFrame([_row(d) for d in dirs], columns=COLUMNS)
+    present = [d.name for d in find_runs(outputs_dir, scale)]
+    for i, run_dir in enumerate(dirs):
+        if df.at[i, "status"] == "not run" and present:
+            df.at[i, "error"] = f"no run {run_dir.name!r} in {short_path(base)}; closest: " + \
+                closest_first(run_dir.name, present).split(", ")[0]
     df["test_loss"] = df["test_loss"].astype(float)
     reference = reference_results(scale)
-    seed_sd = reference["seed_sd"].dropna()
-    df = _add_deltas(df, float(seed_sd.iloc[0]) if len(seed_sd) else None)
+    df = _add_deltas(df)
     if not reference.empty:
         ref = reference.set_index("run")
         df["reference_test_loss"] = df["run"].map(ref["test_loss"])
         df["reference_delta"] = 0.0 - df["run"].map(ref["improvement_vs_baseline"])
     return df[[c for c in [*COLUMNS, "reference_test_loss", "reference_delta"] if c in df]]
+
+
+def _check_scale(base: Path, scale: str) -> None:
+    """A scale with no folder must at least be a preset (no runs yet); else name the closest."""
+    from gptlib.presets import list_scales
+
+    if base.is_dir() or scale in list_scales():
+        return
+    present = sorted(d.name for d in base.parent.iterdir() if d.is_dir()) if base.parent.is_dir() else []
+    known = sorted({*present, *list_scales()})
+    raise ConfigError(f"scale {scale!r}: no such scale and no folder {short_path(base)}; "
+                      f"allowed: {closest_first(scale, known)}")
 
 
 def reference_results(scale: str | None = None) -> pd.DataFrame:
@@ -179,11 +217,29 @@ def reference_table(scale: str) -> pd.DataFrame:
     series did not run, e.g. tiny) all of them, with a note printed."""
     df = reference_results(scale)
     if df.empty:
-        print(f"The series has no results for scale {scale!r}; these are its full-scale results "
+        print(f"The series has no results for scale {scale!r}; these are its 8x A100 results "
               "(GPT-2 small on FineWeb), so only the direction of each change compares.")
-        df = reference_results()
-    columns = ["scale", "run", "change", "test_loss", "improvement_vs_baseline", "note", "source"]
-    return df[columns].set_index(["scale", "run"])
+        df = reference_results(SERIES_SCALE)
+    columns = ["scale", "run", "change", "test_loss", "improvement_vs_baseline", "note"]
+    shown = readable(df[columns].rename(columns={"improvement_vs_baseline": "gain vs baseline"}))
+    print(f"Source: {df['source'].iloc[0]}")
+    return shown.set_index(["scale", "run"])
+
+
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Any table for reading: floats to 4 decimals (columns named sd / SD to 2 significant
+    figures), missing values as "—"."""
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column]
+        if values.dtype.kind == "f" or values.apply(lambda v: isinstance(v, float)).any():
+            style = sd_text if str(column).lower() in ("sd", "baseline_sd") else loss_text
+            out[column] = [style(v) if isinstance(v, (float, int)) and not isinstance(v, bool)
+                           else ("—" if v is None else v) for v in values]
+        else:
+            out[column] = ["—" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+                           for v in values]
+    return out
 
 
 def _fmt(value: object, spec: str) -> str:
@@ -193,45 +249,29 @@ def _fmt(value: object, spec: str) -> str:
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs table formatted for reading (strings; losses to 6 decimals)."""
+    """The runs table formatted for reading (strings; losses to 4 decimals, "—" where missing).
+    Time and tokens/s depend on what else the machine ran at the time."""
     out = pd.DataFrame({
         "run": df["run"],
         "status": df["status"],
-        "test loss": [_fmt(v, ".6f") for v in df["test_loss"]],
-        "Δ vs baseline": [_fmt(v, "+.6f") for v in df["delta_vs_baseline"]],
-        "Δ / baseline SD": [_fmt(v, "+.2f") for v in df["delta_sd"]],
-        "time": [format_duration(v) for v in df["wall_time_s"]],
-        "tokens/s": [_fmt(v, ",.0f") for v in df["tokens_per_s"]],
+        "test loss": [loss_text(v) for v in df["test_loss"]],
+        "Δ vs baseline mean": [delta_text(v) for v in df["delta_vs_baseline"]],
+        "Δ / baseline SD": [_fmt(v, "+.1f") for v in df["delta_sd"]],
+        "verdict (all seeds)": df["verdict"],
+        "time*": [format_duration(v) for v in df["wall_time_s"]],
+        "tokens/s*": [_fmt(v, ",.0f") for v in df["tokens_per_s"]],
         "final train loss": [_fmt(v, ".3f") for v in df["final_train_loss"]],
         "spikes": [_fmt(v if v is None else float(v), ".0f") for v in df["spike_count"]],
     })
     if "reference_test_loss" in df:
-        out["published test loss"] = [_fmt(v, ".6f") for v in df["reference_test_loss"]]
-        out["published Δ"] = [_fmt(v, "+.6f") for v in df["reference_delta"]]
-    out["error"] = df["error"]
+        out["published test loss"] = [loss_text(v) for v in df["reference_test_loss"]]
+        out["published Δ"] = [delta_text(v) for v in df["reference_delta"]]
+    out["error"] = df["error"].fillna("")
     return out.set_index("run")
 
 
 # --------------------------------------------------------------------------------------------------
 # Noise-aware comparison over seeds, and stacked interventions vs the sum of their parts
-
-# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96).
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
-
-
-def t_quantile_975(dof: float) -> float:
-    """t_{0.975} for `dof` degrees of freedom, rounded down to a whole number (conservative)."""
-    whole = max(1, math.floor(dof))
-    return T_975[whole - 1] if whole <= len(T_975) else 1.96
-
-
-def _group(interventions: object) -> str | None:
-    if not isinstance(interventions, list):
-        return None
-    return "+".join(interventions) or "baseline"
-
 
 def _finished(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df["test_loss"].notna()].copy()
@@ -240,59 +280,69 @@ def _finished(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def published_seed_sd(scale: str) -> float | None:
-    """The series' baseline seed SD for a full-scale preset (None for other scales)."""
+    """The series' baseline seed SD for a full-scale preset (None for other scales): context for a
+    reader, never a stand-in for this workbook's own seeds."""
     sd = reference_results(scale)["seed_sd"].dropna()
     return float(sd.iloc[0]) if len(sd) else None
 
 
-def noise_table(df: pd.DataFrame, reference_sd: float | None = None) -> pd.DataFrame:
-    """Per intervention (runs grouped over seeds): n, mean test loss, sample SD (n - 1), the
-    difference of its mean from the baseline's mean, that difference in baseline-seed SDs, a 95%
-    confidence interval of the difference and whether it is within noise (the interval holds 0).
+NOISE_COLUMNS = ["intervention", "n", "mean", "sd", "delta", "delta_sd", "ci_low", "ci_high",
+                 "within_noise", "verdict", "seeds_needed"]
 
-    The interval is Welch's: SE = sqrt(s_i^2 / n_i + s_b^2 / n_b) with Welch-Satterthwaite degrees of
-    freedom; an intervention run with one seed borrows the baseline's SD as its own run-to-run
-    noise. With fewer than two baseline seeds the baseline SD is `reference_sd` (the published one
-    for the full-scale presets) or unknown, and so are the intervals."""
+
+def noise_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per intervention (runs grouped over seeds): :func:`gptlib.verdicts.compare` against the
+    baseline's seeds -- n, mean test loss, sample SD, the difference of the means, that difference
+    in baseline-seed SDs, Welch's 95% interval, the verdict and, where it is unknown, what to train.
+    The baseline's row describes its seeds (no comparison with itself)."""
     done = _finished(df)
-    rows = []
     base = done.loc[done["group"] == "baseline", "test_loss"].tolist()
-    base_sd = statistics.stdev(base) if len(base) >= 2 else reference_sd
-    base_mean = statistics.fmean(base) if base else None
+    rows = []
     for group, losses in done.groupby("group", sort=False)["test_loss"]:
-        losses = losses.tolist()
-        n = len(losses)
-        sd = statistics.stdev(losses) if n >= 2 else None
-        row = {"intervention": group, "n": n, "mean": statistics.fmean(losses), "sd": sd,
-               "delta": None, "delta_sd": None, "ci_low": None, "ci_high": None,
-               "within_noise": None}
-        if base_mean is not None and group != "baseline":
-            delta = row["mean"] - base_mean
-            row["delta"] = delta
-            if base_sd:
-                row["delta_sd"] = delta / base_sd
-                own_sd = sd if sd is not None else base_sd
-                n_base = max(len(base), 1)
-                se = math.sqrt(own_sd**2 / n + base_sd**2 / n_base)
-                dof = _welch_dof(own_sd, n, base_sd, n_base)
-                half = t_quantile_975(dof) * se
-                row.update(ci_low=delta - half, ci_high=delta + half,
-                           within_noise=bool(delta - half <= 0 <= delta + half))
-        row["verdict"] = verdict(row["ci_low"], row["ci_high"])
+        c = compare(losses.tolist(), base if group != "baseline" else [])
+        row = {"intervention": group, "n": c.n, "mean": c.mean, "sd": c.sd}
+        if group == "baseline":
+            row.update(delta=None, delta_sd=None, ci_low=None, ci_high=None, within_noise=None,
+                       verdict="baseline", seeds_needed="")
+        else:
+            row.update(delta=c.delta, delta_sd=c.delta_sd, ci_low=c.ci_low, ci_high=c.ci_high,
+                       within_noise=c.within_noise, verdict=c.verdict,
+                       seeds_needed=c.seeds_needed(group))
         rows.append(row)
-    table = pd.DataFrame(rows, columns=["intervention", "n", "mean", "sd", "delta", "delta_sd",
-                                        "ci_low", "ci_high", "within_noise", "verdict"])
-    table.attrs["baseline_sd"] = base_sd
+    table = pd.DataFrame(rows, columns=NOISE_COLUMNS)
+    table.attrs["baseline_sd"] = statistics.stdev(base) if len(base) >= MIN_SEEDS else None
     table.attrs["baseline_n"] = len(base)
     return table
 
 
-def verdict(ci_low: float | None, ci_high: float | None) -> str | None:
-    """`better` / `worse` when the 95% interval of (run - baseline) excludes 0, else `within
-    noise`; None without an interval."""
-    if ci_low is None or ci_high is None or math.isnan(ci_low) or math.isnan(ci_high):
-        return None
-    return "better" if ci_high < 0 else "worse" if ci_low > 0 else "within noise"
+def run_comparison(run_dir: str | Path) -> tuple[str, Comparison | None]:
+    """(intervention, its :func:`compare` against the baseline) for a run, over the evaluated
+    seeds of the runs beside it (its scale's folder); None for a baseline run or no baseline."""
+    run_dir = Path(run_dir)
+    done = _finished(pd.DataFrame([_row(d) for d in find_runs(run_dir.parent.parent, run_dir.parent.name)],
+                                  columns=COLUMNS))
+    group = _group(_read_config(run_dir).get("interventions")) or run_dir.name
+    losses = done.loc[done["group"] == group, "test_loss"].tolist()
+    base = done.loc[done["group"] == "baseline", "test_loss"].tolist()
+    if group == "baseline" or not losses:
+        return group, None
+    return group, compare(losses, base)
+
+
+def noise_view(noise: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`noise_table` for reading: losses to 4 decimals, SDs to 2 significant figures."""
+    return pd.DataFrame({
+        "intervention": noise["intervention"],
+        "seeds": noise["n"],
+        "mean test loss": [loss_text(v) for v in noise["mean"]],
+        "SD": [sd_text(v) for v in noise["sd"]],
+        "Δ vs baseline": [delta_text(v) for v in noise["delta"]],
+        "Δ / baseline SD": [_fmt(v, "+.1f") for v in noise["delta_sd"]],
+        "95% interval": [f"[{delta_text(lo)}, {delta_text(hi)}]" if lo is not None and not pd.isna(lo)
+                         else "—" for lo, hi in zip(noise["ci_low"], noise["ci_high"], strict=True)],
+        "verdict": noise["verdict"],
+        "to know more": noise["seeds_needed"],
+    }).set_index("intervention")
 
 
 SERIES_SCALE = "gpt2-small-8xa100"
@@ -310,8 +360,8 @@ def series_comparison(noise: pd.DataFrame) -> pd.DataFrame:
             continue
         series = -published[row["intervention"]] if row["intervention"] in published else None
         found = row["verdict"]
-        if found is None:
-            same = None
+        if found == UNKNOWN:
+            same = "unknown here"
         elif series is None:
             same = "no published figure"
         elif found == "within noise":
@@ -323,15 +373,6 @@ def series_comparison(noise: pd.DataFrame) -> pd.DataFrame:
                      "series_delta": series, "same_direction": same})
     return pd.DataFrame(rows, columns=["intervention", "seeds", "delta", "ci_low", "ci_high", "verdict",
                                        "series_delta", "same_direction"])
-
-
-def _welch_dof(s1: float, n1: int, s2: float, n2: int) -> float:
-    """Welch-Satterthwaite degrees of freedom. With one run on a side, its variance is borrowed
-    from the other side, so only that side's n - 1 degrees of freedom are real."""
-    if min(n1, n2) == 1:
-        return max(max(n1, n2) - 1, 1)
-    a, b = s1**2 / n1, s2**2 / n2
-    return (a + b) ** 2 / (a**2 / (n1 - 1) + b**2 / (n2 - 1)) if a + b else n1 + n2 - 2
 
 
 def seed_noise(df: pd.DataFrame) -> pd.DataFrame:

@@ -9,10 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gptlib import charts, report, summary
 from gptlib.checkpoint import list_checkpoints, read_meta
 from gptlib.metrics import read_metrics
+from gptlib.rundir import read_spikes
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +59,20 @@ def test_best_step_and_spikes_are_marked(run: Path) -> None:
     assert list(marked.y) == [s["loss"] for s in spikes]
 
 
-def test_loss_chart_zooms_past_the_first_period(run: Path) -> None:
+def test_loss_chart_shows_the_whole_curve_against_reference_levels(run: Path) -> None:
     fig = charts.loss_chart(run)
-    metas = [read_meta(run / "checkpoints" / name)["period"] for name in list_checkpoints(run)]
-    low, high = fig.layout.yaxis.range
-    assert low < min(m["loss_min"] for m in metas[1:])
-    assert high > max(m["loss_max"] for m in metas[1:])
-    assert "first period off-scale" in fig.layout.title.subtitle.text
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.range is None  # nothing cut off
+    records = read_metrics(run / "metrics.jsonl")
+    assert list(trace(fig, "loss per step").y) == [r["loss"] for r in records]  # the first steps too
+    levels = {a.text.rsplit(" ", 1)[0]: float(a.text.rsplit(" ", 1)[1]) for a in fig.layout.annotations}
+    assert levels["uniform guess ln V"] == pytest.approx(math.log(50257), abs=1e-3)
+    assert [shape.y0 for shape in fig.layout.shapes] == pytest.approx(list(levels.values()), abs=1e-3)
+    data = charts.load_run_data(run)
+    data.summary = {**data.summary, "unigram_loss": 7.25, "uniform_loss": math.log(50257)}
+    data.cfg.scale = "gpt2-small-8xa100"
+    assert charts.reference_levels(data) == {"uniform guess ln V": math.log(50257),
+                                             "unigram level (test slice)": 7.25,
+                                             "published baseline test loss": 3.691526}
 
 
 def test_grad_norm_chart_draws_the_clip_line_only_with_clipping(run: Path) -> None:
@@ -90,6 +99,7 @@ def test_comparison_charts(run: Path, tmp_path: Path) -> None:
     bars = charts.results_chart(df)
     assert bars.layout.annotations[0].text == "no evaluated run and baseline yet"
     assert len(charts.loss_charts(df)) == 1
+    assert len(charts.loss_charts(df, spiked_only=True)) == (1 if read_spikes(run) else 0)
 
 
 def test_chart_files_work_offline(run: Path) -> None:
@@ -160,9 +170,6 @@ def test_papermill_handler_creates_the_output_folder(tmp_path: Path,
 
 
 def test_whole_report_outside_a_notebook(run: Path, capsys: pytest.CaptureFixture) -> None:
-    baseline = run.parent / "baseline"
-    baseline.mkdir(exist_ok=True)
-    (baseline / "summary.json").write_text(json.dumps({"status": "completed", "test_loss": 10.9}))
     done = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**done, "test_loss": 10.85,
                                                   "smoke_text": "Every effort moves you on",
@@ -171,9 +178,46 @@ def test_whole_report_outside_a_notebook(run: Path, capsys: pytest.CaptureFixtur
     shown = capsys.readouterr().out
     for text in ("<Plotly figure: tiny/gradient-clipping: training loss>",
                  "<Plotly figure: tiny/gradient-clipping: gradient norm>",
-                 "Smoke test: Every effort moves you on", "Test loss: 10.850000 (checkpoint step-12)",
-                 "10.900000; difference -0.050000 (better than the baseline)",
+                 "Smoke test: Every effort moves you on", "Test loss: 10.8500 (checkpoint step-12)",
+                 # its config has no intervention (clipping came as an override): a baseline sample
+                 "This is a baseline run of scale tiny: one sample of the baseline's seed noise",
                  "Training complete in", f"Best checkpoint: step-{done['best_step']}",
                  "Charts saved: "):
         assert text in shown, text
     (run / "summary.json").write_text(json.dumps(done))
+
+
+def test_a_runs_report_uses_the_one_verdict(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name, interventions, losses in [("baseline", [], [10.9, 10.7]), ("qkv-bias", ["qkv-bias"], [10.85])]:
+        for seed, loss in zip((42, 43), losses, strict=False):
+            run_dir = tmp_path / "tiny" / (name + ("" if seed == 42 else f"-seed{seed}"))
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"interventions": interventions, "train": {"random_seed": seed}}))
+            (run_dir / "summary.json").write_text(json.dumps(
+                {"status": "completed", "test_loss": loss, "eval_checkpoint": "step-4",
+                 "evaluations": {"step-2 (1 batches)": {"test_loss": 11.5}}}))
+    report.show_evaluation(tmp_path / "tiny" / "qkv-bias")
+    shown = capsys.readouterr().out
+    assert ("Baseline: mean 10.8000 over 2 seed(s), SD 0.14. qkv-bias: Δ +0.0500 (+0.4 baseline SDs), "
+            "1 vs 2 seeds: unknown: needs seeds; needs >= 2 evaluated seeds on each side "
+            "(qkv-bias has 1)") in shown
+    assert "Also evaluated (not the run's result): step-2 (1 batches): 11.5000." in shown
+    report.show_evaluation(tmp_path / "tiny" / "baseline-seed43")
+    assert "This is a baseline run of scale tiny" in capsys.readouterr().out
+
+
+def test_progress_prints_plain_lines_for_papermill_log_output(capsys: pytest.CaptureFixture) -> None:
+    class Handle:
+        def update(self, bundle: dict, raw: bool) -> None:
+            pass
+
+    progress = report.Progress(min_interval_s=math.inf)
+    progress._handle = Handle()
+    steps = [f"step {i}/20 | loss 9.0 | ETA 0:00:01" for i in range(1, 21)]
+    for line in [*steps[:10], "checkpoint step-10: period loss avg 9.0", *steps[10:]]:
+        progress.update(line)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [steps[1], steps[3], steps[5], steps[7], steps[9],
+                       "checkpoint step-10: period loss avg 9.0",
+                       steps[11], steps[13], steps[15], steps[17], steps[19]]

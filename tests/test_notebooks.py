@@ -69,13 +69,15 @@ def test_train_notebook_renders_the_report(baseline: tuple[Path, dict]) -> None:
     texts = [text_of(o) for o in outs]
     shown = "\n".join(texts)
     assert summary["status"] == "completed"
-    assert f"Test loss: {summary['test_loss']:.6f} (checkpoint {summary['eval_checkpoint']})" in shown
+    assert f"Test loss: {summary['test_loss']:.4f} (checkpoint {summary['eval_checkpoint']})" in shown
     assert f"Smoke test: {summary['smoke_text']}" in shown
-    assert "This is the baseline of scale tiny." in shown
+    assert "This is a baseline run of scale tiny: one sample of the baseline's seed noise" in shown
     progress = next(t for t in texts if "Training complete in" in t)
     assert "100%  step 8/8" in progress and "checkpoint step-8" in progress
     assert f"Final train loss: {summary['final_train_loss']:.3f}" in shown
-    assert "# gptlib run config: baseline (scale tiny)" in shown
+    assert "Changes from the tiny baseline:\n  model.vocab_size: 1024 -> 50257" in shown
+    assert f"The whole configuration: {run_dir / 'config.yaml'}." in shown
+    assert not [o for o in outs if o.get("name") == "stderr"]  # no red boxes
     for name in ("config.yaml", "metrics.jsonl", "charts/loss.html", "charts/plotly.min.js"):
         assert (run_dir / name).exists(), name
 
@@ -157,7 +159,7 @@ def test_sweep_reports_a_failed_run_and_still_renders_the_summary(
     rows = dict(re.findall(r"<tr>\s*<th>([^<]+)</th>\s*<td>([^<]+)</td>", table))
     assert rows == {"baseline": "completed", "no-dropout": "completed", "explode": "failed"}
     figures = [o for o in outputs(nb) if PLOTLY_MIME in o.get("data", {})]
-    assert len(figures) >= 4  # test-loss bars, loss curves, a loss chart per run with metrics
+    assert len(figures) >= 2  # test-loss bars, loss curves (and a loss chart per run with a spike)
 
 
 def test_sweep_checks_every_run_before_starting(tmp_path: Path) -> None:
@@ -175,3 +177,74 @@ def test_sweep_checks_every_run_before_starting(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown intervention 'no-dropuot'; allowed: no-dropout")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- what the reader sees
+
+
+@pytest.fixture(scope="module")
+def compared(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Micro runs with every verdict there is -- baseline x3, qkv-bias x2, weight-tying x1 --,
+    summary.ipynb rendered over them and converted to HTML: (outputs folder, summary.html)."""
+    from workbook import train_in_process
+
+    from gptlib.evals import evaluate_run
+
+    ensure_python3_kernel()
+    out = tmp_path_factory.mktemp("compared") / "outputs"
+    runs = (("baseline", (42, 43, 44)), ("qkv-bias", (42, 43)), ("weight-tying", (42,)))
+    for intervention, seeds in runs:
+        for seed in seeds:
+            name = intervention + ("" if seed == 42 else f"-seed{seed}")
+            run = train_in_process(out / "tiny" / name, micro(dataset, **{"train.random_seed": seed}),
+                                   intervention)
+            evaluate_run(run)
+    nb = out / "tiny" / "summary.ipynb"
+    execute(SUMMARY_NOTEBOOK, nb, {"outputs_dir": str(out)}, cwd=out)
+    result = subprocess.run([*_jupyter(), "nbconvert", "--to", "html", str(nb)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return out, out / "tiny" / "summary.html"
+
+
+def test_summary_page_shows_the_computed_verdicts_and_the_chart_data(
+        compared: tuple[Path, Path]) -> None:
+    from gptlib import summary
+
+    out, page = compared
+    html = page.read_text()
+    noise = summary.noise_table(summary.collect_runs(out, "tiny")).set_index("intervention")
+    assert noise.loc["weight-tying", "verdict"] == "unknown: needs seeds"
+    assert noise.loc["qkv-bias", "verdict"] in ("better", "worse", "within noise")
+    view = summary.noise_view(noise.reset_index())
+    for name in ("qkv-bias", "weight-tying"):  # the noise table's row, as computed
+        noise_html = html.split("95% interval", 1)[1]
+        row = re.search(rf"<th>{re.escape(name)}</th>(.*?)</tr>", noise_html, re.S)
+        cells = re.findall(r"<td>([^<]*)</td>", row.group(1))
+        assert cells[:7] == [str(v) for v in view.loc[name].tolist()[:7]], (name, cells)
+    # The bar chart's data (the notebook's Plotly JSON, and the same traces in the page's script):
+    # one bar trace per verdict, named by it, holding that intervention.
+    nb = json.loads((out / "tiny" / "summary.ipynb").read_text())
+    chart = next(o["data"][PLOTLY_MIME] for o in outputs(nb) if PLOTLY_MIME in o.get("data", {}))
+    bars = {t["name"]: list(t["x"]) for t in chart["data"] if t.get("type") == "bar"}
+    assert bars[noise.loc["qkv-bias", "verdict"]] == ["qkv-bias"]
+    assert bars["unknown: needs seeds"] == ["weight-tying"]
+    script = html[html.index("Plotly.newPlot("):]
+    for name in bars:
+        assert re.search(r'"name":\s*' + re.escape(json.dumps(name)), script), name
+    assert "baseline: 3 evaluated seeds, mean " in html
+    assert "No run of this table recorded a loss spike" in html or "spikes (" in html
+
+
+def test_summary_page_in_a_real_browser(compared: tuple[Path, Path], tmp_path: Path) -> None:
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))),
+                   None)
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine")
+    _, page = compared
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=8000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count('class="main-svg"') >= 2  # plotly drew the charts (offline: inline js)
+    assert "unknown: needs seeds" in dom.stdout

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from gptlib import charts, summary
+from gptlib import charts, summary, verdicts
+from gptlib.config import ConfigError
 
 
 def make_run(outputs: Path, name: str, status: str | None, test_loss: float | None = None,
@@ -57,6 +58,7 @@ def test_every_run_is_listed_with_its_status(outputs: Path) -> None:
                               "weight-tying"]
     assert df.loc["baseline", "status"] == "completed"
     assert df.loc["qkv-bias", "status"] == "completed (not evaluated)"
+    assert df.loc["qkv-bias", "error"] == f"not evaluated: gptlib eval {outputs / 'tiny' / 'qkv-bias'}"
     assert df.loc["weight-tying", "status"] == "running (step 3/10)"
     assert df.loc["stacked-1", "status"] == "failed"
     assert df.loc["stacked-1", "error"] == "training failed on rank 0 (exit code 1): boom"
@@ -65,15 +67,25 @@ def test_every_run_is_listed_with_its_status(outputs: Path) -> None:
     assert df.loc["learning-rate", "error"] == "ConfigError: unknown key"
 
 
-def test_deltas_against_the_same_seed_baseline_and_seed_noise(outputs: Path) -> None:
+def test_deltas_against_the_baseline_mean_with_one_verdict_per_intervention(outputs: Path) -> None:
     df = summary.collect_runs(outputs, "tiny").set_index("run")
-    assert df.loc["no-dropout", "delta_vs_baseline"] == pytest.approx(3.64 - 3.70)
-    assert df.loc["no-dropout-seed43", "delta_vs_baseline"] == pytest.approx(3.63 - 3.66)
+    assert df.loc["no-dropout", "delta_vs_baseline"] == pytest.approx(3.64 - 3.68)
+    assert df.loc["no-dropout-seed43", "delta_vs_baseline"] == pytest.approx(3.63 - 3.68)
     sd = (2 * 0.02**2) ** 0.5  # sample SD of 3.70 and 3.66
     assert df.loc["no-dropout", "baseline_sd"] == pytest.approx(sd)
-    assert df.loc["no-dropout", "delta_sd"] == pytest.approx(-0.06 / sd)
-    assert df.loc["baseline", "delta_vs_baseline"] == 0
-    assert df.attrs["noise"].startswith("baseline SD 0.028284 from 2 baseline seeds")
+    assert df.loc["no-dropout", "delta_sd"] == pytest.approx(-0.04 / sd)
+    # The baseline's seeds are its samples: never compared with themselves.
+    assert pd.isna(df.loc["baseline", "delta_vs_baseline"])
+    assert pd.isna(df.loc["baseline-seed43", "delta_vs_baseline"])
+    assert df.loc["baseline-seed43", "verdict"] == "baseline seed"
+    # Welch by hand: SDs 0.00707 and 0.0283 over 2 seeds each, dof 1.12 -> t 12.706: within noise.
+    a, b = sample_sd([3.64, 3.63]) ** 2 / 2, sd**2 / 2
+    dof = (a + b) ** 2 / (a**2 + b**2)
+    half = 12.706 * (a + b) ** 0.5
+    assert 1 <= dof < 2 and -0.045 - half < 0 < -0.045 + half
+    assert df.loc["no-dropout", "verdict"] == df.loc["no-dropout-seed43", "verdict"] == "within noise"
+    assert df.loc["qkv-bias", "verdict"] == "not evaluated"
+    assert df.attrs["noise"] == "baseline: 2 evaluated seeds, mean 3.6800, SD 0.028"
 
 
 def test_selected_runs_include_ones_never_run(outputs: Path) -> None:
@@ -86,9 +98,10 @@ def test_selected_runs_include_ones_never_run(outputs: Path) -> None:
 def test_readable_table(outputs: Path) -> None:
     table = summary.table(summary.collect_runs(outputs, "tiny"))
     row = table.loc["baseline"]
-    assert (row["test loss"], row["time"], row["tokens/s"], row["spikes"]) == \
-        ("3.700000", "1:02:05", "1,234", "2")
-    assert table.loc["no-dropout", "Δ vs baseline"] == "-0.060000"
+    assert (row["test loss"], row["time*"], row["tokens/s*"], row["spikes"]) == \
+        ("3.7000", "1:02:05", "1,234", "2")
+    assert table.loc["no-dropout", "Δ vs baseline mean"] == "-0.0400"
+    assert table.loc["baseline", "Δ vs baseline mean"] == "—"
     assert table.loc["stacked-1", "test loss"] == "—"
     assert "published test loss" not in table
 
@@ -102,7 +115,8 @@ def test_published_results_beside_the_full_scale_runs(tmp_path: Path) -> None:
     df = summary.collect_runs(tmp_path, "gpt2-small-8xa100", ["baseline", "stacked-1"])
     assert list(df["reference_test_loss"]) == [3.691526, 3.577761]
     assert list(df["reference_delta"]) == pytest.approx([0.0, -0.113765])
-    assert df["baseline_sd"].iloc[0] == 0.0123  # the published seed SD, with one seed here
+    assert pd.isna(df["baseline_sd"].iloc[0])  # one seed here: no SD (the published one is context only)
+    assert "baseline SD unknown: 1 evaluated baseline seed(s)" in df.attrs["noise"]
     assert "published test loss" in summary.table(df)
 
 
@@ -174,12 +188,17 @@ def test_noise_table_means_sds_and_intervals(seeded: Path) -> None:
     assert table.loc["gradient-clipping", "within_noise"]  # -0.006 against a 0.02 SD
     assert table.loc["no-dropout", "verdict"] == "better"
     assert table.loc["gradient-clipping", "verdict"] == "within noise"
-    assert pd.isna(table.loc["baseline", "verdict"])
+    assert table.loc["baseline", "verdict"] == "baseline"
     assert table.loc["no-dropout", "sd"] == pytest.approx(sample_sd(nodrop))
-    # One seed only: borrows the baseline SD, dof n_b - 1 = 2.
+    # One seed: no spread of its own, so no interval and no verdict; the table says what to train.
     single = table.loc["gradient-clipping+no-dropout"]
-    assert single["n"] == 1 and single["ci_high"] - single["delta"] == pytest.approx(
-        4.303 * (0.02**2 / 1 + 0.02**2 / 3) ** 0.5)
+    assert single["n"] == 1 and single["delta"] == pytest.approx(3.57 - 3.68)
+    assert pd.isna(single["ci_low"]) and single["verdict"] == "unknown: needs seeds"
+    assert single["seeds_needed"].startswith(
+        "needs >= 2 evaluated seeds on each side (gradient-clipping+no-dropout has 1)")
+    view = summary.noise_view(summary.noise_table(summary.collect_runs(seeded, "tiny")))
+    assert view.loc["no-dropout", "SD"] == "0.020" and view.loc["no-dropout", "mean test loss"] == "3.6200"
+    assert view.loc["gradient-clipping+no-dropout", "95% interval"] == "—"
 
 
 def test_series_comparison_reads_the_published_direction(seeded: Path) -> None:
@@ -192,14 +211,16 @@ def test_series_comparison_reads_the_published_direction(seeded: Path) -> None:
     assert table.loc["no-dropout", "same_direction"] == "yes"  # better here, better there
     assert table.loc["gradient-clipping", "same_direction"] == "within noise here"
     assert pd.isna(table.loc["gradient-clipping+no-dropout", "series_delta"])
-    assert table.loc["gradient-clipping+no-dropout", "same_direction"] == "no published figure"
+    assert table.loc["gradient-clipping+no-dropout", "same_direction"] == "unknown here"
     assert table.loc["no-dropout", "seeds"] == 3
     worse = noise.copy()
     worse.loc[worse["intervention"] == "no-dropout", "verdict"] = "worse"
     assert summary.series_comparison(worse).set_index("intervention").loc[
         "no-dropout", "same_direction"] == "no"
-    assert summary.verdict(-0.03, -0.01) == "better" and summary.verdict(0.01, 0.02) == "worse"
-    assert summary.verdict(-0.01, 0.01) == "within noise" and summary.verdict(None, 0.1) is None
+    assert verdicts.interval_verdict(-0.03, -0.01) == "better"
+    assert verdicts.interval_verdict(0.01, 0.02) == "worse"
+    assert verdicts.interval_verdict(-0.01, 0.01) == "within noise"
+    assert verdicts.interval_verdict(None, 0.1) == "unknown: needs seeds"
 
 
 def test_stacking_compares_with_the_sum_of_parts(seeded: Path) -> None:
@@ -232,6 +253,22 @@ def test_seed_noise_splits_initialisation_from_data_order(tmp_path: Path) -> Non
 
 
 def test_t_quantiles() -> None:
-    assert summary.t_quantile_975(1) == 12.706
-    assert summary.t_quantile_975(4.7) == 2.776  # rounded down: conservative
-    assert summary.t_quantile_975(500) == 1.96
+    assert verdicts.t_quantile_975(1) == 12.706
+    assert verdicts.t_quantile_975(4.7) == 2.776  # rounded down: conservative
+    assert verdicts.t_quantile_975(500) == 1.96
+
+
+def test_reading_precision() -> None:
+    assert verdicts.sd_text(0.0070) == "0.0070" and verdicts.sd_text(0.00015226160833633522) == "0.00015"
+    assert verdicts.sd_text(0.123) == "0.12" and verdicts.sd_text(None) == "—"
+    assert verdicts.loss_text(4.311241) == "4.3112" and verdicts.delta_text(-0.0386999) == "-0.0387"
+
+
+def test_unknown_scale_and_runs_are_named(outputs: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^scale 'tinny': no such scale .*allowed: tiny"):
+        summary.collect_runs(outputs, "tinny")
+    df = summary.collect_runs(outputs, "tiny", ["no-dropuot"]).set_index("run")
+    assert df.loc["no-dropuot", "status"] == "not run"
+    assert df.loc["no-dropuot", "error"].endswith("closest: no-dropout")
+    empty = summary.collect_runs(outputs / "elsewhere", "gpt2-small-1gpu")  # a preset, no runs yet
+    assert empty.empty

@@ -13,9 +13,9 @@ from gptlib.launch import prepare_run
 from gptlib.train import RankContext, train
 
 
-def train_in_process(run_dir: Path, overrides: dict) -> Path:
+def train_in_process(run_dir: Path, overrides: dict, intervention: str = "baseline") -> Path:
     """Train a run as a world of one in this process (no torchrun start-up); returns its dir."""
-    cfg, path, _ = prepare_run(overrides=overrides, run_dir=run_dir)
+    cfg, path, _ = prepare_run(intervention=intervention, overrides=overrides, run_dir=run_dir)
     dist.init_process_group("gloo", init_method=f"file://{path}/.pg-store", rank=0, world_size=1)
     try:
         (path / "logs").mkdir(exist_ok=True)
