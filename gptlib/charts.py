@@ -75,7 +75,7 @@ def load_run_data(run_dir: str | Path) -> RunData:
         run_dir=run_dir,
         cfg=cfg,
         records=records,
-        periods=periods(records, cfg.train.checkpoint_interval),
+        periods=periods(records, cfg.train.checkpoint_interval, cfg.train.protocol),
         spikes=read_spikes(run_dir),
         summary=read_summary(run_dir),
     )

@@ -46,6 +46,7 @@ PARAMETERS_DIR = Path(
 )
 PRECISIONS = ("fp16", "bf16", "fp32", "auto")
 DEVICES = ("auto", "cpu", "cuda")
+PROTOCOLS = ("gptlib", "series")
 EVAL_CHECKPOINTS = ("best", "latest")
 
 
@@ -105,6 +106,9 @@ class TrainConfig:
     spike_threshold: float = 6.0  # ... and threshold in rolling-MAD multiples
     collective_timeout_s: int = 600  # a rank silent this long stops the whole job
     keep_checkpoints: int = -1  # -1 = keep all; N = keep the newest N (and always the best)
+    # gptlib | series: "series" follows the series' code where gptlib's own choice differs
+    # (checkpoint steps, rank-0 period losses, cosine end, no abort, fp16 test loss, fp32 sampling)
+    protocol: str = "gptlib"
 
     def check(self) -> None:
         _at_least_one("train", self, ("microbatch_size", "gradient_accumulation_steps",
@@ -129,6 +133,7 @@ class TrainConfig:
                  f"train.keep_checkpoints={self.keep_checkpoints} must be -1 (keep all) or >= 1")
         _one_of("train.precision", self.precision, PRECISIONS)
         _one_of("train.device", self.device, DEVICES)
+        _one_of("train.protocol", self.protocol, PROTOCOLS)
         if self.global_batch_size is not None:
             per_rank = self.microbatch_size * self.gradient_accumulation_steps
             _require(self.global_batch_size >= 1 and self.global_batch_size % per_rank == 0,

@@ -8,8 +8,9 @@ batch layout). ``eval.batches = -1`` takes as many whole batches as the split ho
 
 The model runs in eval mode (dropout off) under ``torch.inference_mode``. Precision follows the
 run: bf16 runs evaluate under bf16 autocast, fp16 runs under fp16 autocast on CUDA (fp32 on a CPU,
-which has no fast fp16), fp32 runs in fp32 with TF32 off. Logits are cast to fp32 before the
-cross-entropy.
+which has no fast fp16), fp32 runs in fp32 with TF32 off; under ``train.protocol: series`` every
+run is scored under fp16 autocast, as the series' test_loss.py does. Logits are cast to fp32
+before the cross-entropy.
 
 Reference points, on the same test slice: the *uniform* loss ln(V) of guessing every one of the
 tokenizer's V tokens alike, and the *unigram* loss: the cross-entropy of the slice's targets under
@@ -89,8 +90,12 @@ def reference_line(loss: float, unigram: float, uniform: float) -> str:
             f"{uniform:.4f}")
 
 
-def eval_precision(precision: str, device: torch.device) -> str:
-    """The precision evaluation uses for a run trained in ``precision`` (see the module doc)."""
+def eval_precision(precision: str, device: torch.device, protocol: str = "gptlib") -> str:
+    """The precision the test loss uses for a run trained in ``precision`` (see the module doc):
+    under ``protocol: series`` always fp16 autocast, as the series' test_loss.py scores every
+    model (its no-AMP run too)."""
+    if protocol == "series":
+        return "fp16"
     if precision == "fp16" and device.type != "cuda":
         return "fp32"
     return precision
@@ -173,7 +178,7 @@ def unigram_loss(cfg: RunConfig, batches: int | None = None) -> tuple[float, flo
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> tuple[contextlib.AbstractContextManager, str]:
-    precision = eval_precision(cfg.train.precision, device)
+    precision = eval_precision(cfg.train.precision, device, cfg.train.protocol)
     return autocast_context(precision, device), precision
 
 
@@ -239,7 +244,8 @@ def smoke_test(model: GPTModel, cfg: RunConfig, seed: int | None = None,
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(e.smoke_seed if seed is None else seed)
     ids = torch.tensor([tokenizer.encode(e.smoke_prompt)], device=device)
-    autocast, _ = _autocast(cfg, device)
+    # The series samples in fp32 (its test_smoke.py has no autocast); gptlib as it evaluates.
+    autocast = contextlib.nullcontext() if cfg.train.protocol == "series" else _autocast(cfg, device)[0]
     model.eval()
     with torch.inference_mode(), autocast:
         out = generate(model, ids, e.smoke_tokens, e.smoke_top_k, e.smoke_temperature, generator,

@@ -47,19 +47,42 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def aggregate_period(records: Iterable[dict]) -> dict:
+def is_checkpoint_step(step: int, total_steps: int, interval: int, protocol: str = "gptlib") -> bool:
+    """Whether the run checkpoints after 0-based step `step`: gptlib after every `interval` steps
+    done (steps interval - 1, 2 x interval - 1, ...); the series' code at steps 0, interval,
+    2 x interval, ... (so its first period is step 0 alone); both after the last step."""
+    offset = 0 if protocol == "series" else 1
+    return (step + offset) % interval == 0 or step == total_steps - 1
+
+
+def _period_losses(records: list[dict], protocol: str) -> tuple[list[float], bool]:
+    """The losses a period's statistics describe, and whether one of them was not finite.
+
+    gptlib: each step's loss (the mean over all ranks and micro-batches), skipped steps left out.
+    series: rank 0's micro-batch losses of every step (skipped or not), as the series' loop
+    collects them; one non-finite loss makes its average non-finite, as there."""
+    if protocol == "series":
+        values = [v for r in records for v in r.get("rank0_losses", [])]
+    else:
+        values = [r["loss"] for r in records if not r["skipped"]]
+    finite = [v for v in values if v is not None]
+    return finite, len(finite) < len(values)
+
+
+def aggregate_period(records: Iterable[dict], protocol: str = "gptlib") -> dict:
     """Loss min/avg/max, grad-norm max/avg, fraction clipped and last LR of a checkpoint period.
 
-    Skipped (non-finite) steps count in `skipped` but not in the loss and grad-norm statistics."""
+    Skipped (non-finite) steps count in `skipped` but not in the grad-norm statistics (nor, for
+    gptlib, in the loss statistics: see `_period_losses`)."""
     records = list(records)
     finite = [r for r in records if not r["skipped"]]
-    losses = [r["loss"] for r in finite]
+    losses, nonfinite = _period_losses(records, protocol)
     norms = [r["grad_norm"] for r in finite]
     return {
         "first_step": records[0]["step"],
         "last_step": records[-1]["step"],
         "loss_min": min(losses) if losses else None,
-        "loss_avg": sum(losses) / len(losses) if losses else None,
+        "loss_avg": sum(losses) / len(losses) if losses and not nonfinite else None,
         "loss_max": max(losses) if losses else None,
         "grad_norm_max": max(norms) if norms else None,
         "grad_norm_avg": sum(norms) / len(norms) if norms else None,
@@ -69,12 +92,15 @@ def aggregate_period(records: Iterable[dict]) -> dict:
     }
 
 
-def periods(records: list[dict], checkpoint_interval: int) -> list[dict]:
-    """Split per-step records into checkpoint periods (the last may be shorter) and aggregate each."""
-    return [
-        aggregate_period(records[i : i + checkpoint_interval])
-        for i in range(0, len(records), checkpoint_interval)
-    ]
+def periods(records: list[dict], checkpoint_interval: int, protocol: str = "gptlib") -> list[dict]:
+    """Split per-step records into checkpoint periods (see :func:`is_checkpoint_step`; the last
+    may be shorter) and aggregate each as the loop did for its checkpoint's meta.json."""
+    chunks: list[list[dict]] = [[]]
+    for record in records:
+        chunks[-1].append(record)
+        if is_checkpoint_step(record["step"], 0, checkpoint_interval, protocol):
+            chunks.append([])
+    return [aggregate_period(chunk, protocol) for chunk in chunks if chunk]
 
 
 class SpikeDetector:
@@ -112,6 +138,7 @@ class StepStats:
     grad_norm: torch.Tensor  # before clipping
     clipped: torch.Tensor  # 1.0 when clipping scaled the gradients down
     skipped: bool  # a non-finite gradient or loss: no update
+    micro_losses: torch.Tensor | None = None  # this rank's loss of each micro-batch
 
 
 class MetricsLog:
@@ -120,9 +147,10 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, tokens_per_step: int,
                  detector: SpikeDetector, windows: Callable[[int], dict[str, list[int]]],
-                 start_step: int, resume: bool):
+                 start_step: int, resume: bool, protocol: str = "gptlib"):
         self.world_size, self.tokens_per_step, self.detector, self.windows = (
             world_size, tokens_per_step, detector, windows)
+        self.protocol = protocol
         self.metrics_path, self.spikes_path = run_dir / METRICS, run_dir / SPIKES
         self.pending: list[tuple[StepStats, float]] = []
         self.period: list[dict] = []  # records of the current checkpoint period (rank 0)
@@ -154,6 +182,9 @@ class MetricsLog:
         """Reduce the pending steps over ranks; rank 0 writes them and returns the last record."""
         values = torch.stack([torch.stack([s.loss, s.grad_norm, s.clipped]) for s, _ in self.pending])
         host = [(lr, s.skipped) for s, lr in self.pending]
+        # The series' period statistics are rank 0's own micro-batch losses (not reduced).
+        micro = ([s.micro_losses.tolist() for s, _ in self.pending]
+                 if self.protocol == "series" and self.file is not None else None)
         self.pending.clear()
         dist.all_reduce(values)
         rows = (values / self.world_size).tolist()
@@ -169,6 +200,8 @@ class MetricsLog:
             record = {"step": first + offset, "tokens": (first + offset + 1) * self.tokens_per_step,
                       "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
                       "clipped": clipped > 0.5, "skipped": skipped, "tokens_per_s": tokens_per_s}
+            if micro is not None:
+                record["rank0_losses"] = [finite_or_none(v) for v in micro[offset]]
             self.file.write(json.dumps(record) + "\n")
             self.period.append(record)
             if not skipped:
@@ -188,7 +221,7 @@ class MetricsLog:
 
     def take_period(self) -> dict:
         """The aggregates of the checkpoint period that just ended (rank 0)."""
-        period = aggregate_period(self.period)
+        period = aggregate_period(self.period, self.protocol)
         self.period.clear()
         return period
 

@@ -37,14 +37,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
-    return int(total_steps * cfg.warmup_period_percent / 100)
+    """Warm-up steps, rounded down as the series' `(total * percent) // 100`."""
+    return int(total_steps * cfg.warmup_period_percent // 100)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total_steps`.
 
     Constant unless `schedule_learning_rate`: then linear from 1e-5 x peak to the peak over the
-    warm-up steps, and a half cosine from the peak to peak / 10 reached at the last step.
+    warm-up steps, and a half cosine from the peak to peak / 10. gptlib reaches peak / 10 at the
+    last step; under `protocol: series` the cosine spans total - warm-up steps, as the series'
+    CosineAnnealingLR(T_max=total - warmup) does, so its last step stops just above the floor.
     """
     peak = cfg.learning_rate
     if not cfg.schedule_learning_rate:
@@ -52,7 +55,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     warmup = warmup_steps(cfg, total_steps)
     if step < warmup:
         return peak * (WARMUP_START_FACTOR + (1 - WARMUP_START_FACTOR) * step / warmup)
-    decay_steps = max(1, total_steps - 1 - warmup)
+    decay_steps = max(1, total_steps - warmup - (cfg.protocol != "series"))
     progress = min(1.0, (step - warmup) / decay_steps)
     low = peak * FINAL_LR_FACTOR
     return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -126,6 +126,9 @@ def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
             raise ConfigError(f"{source}unknown key {key!r}; allowed: {closest_first(key, allowed)}")
         set_key(cfg, "train", name, value, source=source)
 
+    cfg["train"]["protocol"] = "series"
+    if "warmup_period_percent" not in train_json:  # the series' default, not gptlib's 5
+        cfg["train"]["warmup_period_percent"] = 0
     # "8xa100m40-baseline": 8 processes, and the series' global batch follows from that.
     match = re.match(r"(\d+)x", run_dir.name)
     if match:

@@ -37,7 +37,7 @@ from gptlib.data import BatchReader, token_budget
 from gptlib.device import autocast_context, pick_device, resolve_precision, use_compile
 from gptlib.display import format_duration
 from gptlib.lifeline import hold_writer_lock
-from gptlib.metrics import MetricsLog, SpikeDetector, StepStats, peak_flops
+from gptlib.metrics import MetricsLog, SpikeDetector, StepStats, is_checkpoint_step, peak_flops
 from gptlib.model import GPTModel, count_parameters, flops_per_token
 from gptlib.optim import build_optimizer, lr_at, set_lr
 from gptlib.presets import load_config
@@ -91,6 +91,7 @@ def train_step(
     loss_fn = loss_fn or micro_batch_loss
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), device=params[0].device)
+    losses = []
     for accum in range(accumulation):
         inputs, targets = micro_batch(accum)
         # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
@@ -101,6 +102,7 @@ def train_step(
             scaled = loss / accumulation
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
+        losses.append(loss.detach())
 
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -119,7 +121,7 @@ def train_step(
         if not skipped:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum / accumulation, grad_norm.float(), clipped, skipped)
+    return StepStats(loss_sum / accumulation, grad_norm.float(), clipped, skipped, torch.stack(losses))
 
 
 # --------------------------------------------------------------------------- what the loop carries
@@ -146,14 +148,15 @@ class RunState:
         return {"best_loss": self.best_loss, "best_step": self.best_step,
                 "skipped_total": self.skipped_total, "wall_time_s": self.wall_time_s + elapsed_s}
 
-    def count(self, stats: StepStats, step: int, lr: float, max_nonfinite: int) -> None:
-        """Count a skipped step; too many in a row end the run."""
+    def count(self, stats: StepStats, step: int, lr: float, max_nonfinite: int | None) -> None:
+        """Count a skipped step; too many in a row end the run (never, with `max_nonfinite`
+        None: the series' loop carries on whatever happens)."""
         if not stats.skipped:
             self.consecutive_skips = 0
             return
         self.skipped_total += 1
         self.consecutive_skips += 1
-        if self.consecutive_skips >= max_nonfinite:
+        if max_nonfinite is not None and self.consecutive_skips >= max_nonfinite:
             raise TrainingError(
                 f"{self.consecutive_skips} consecutive non-finite steps (last: step {step}, lr "
                 f"{lr:.2e}); the run cannot recover - lower train.learning_rate, enable "
@@ -180,8 +183,10 @@ class Checkpointer:
         if ctx.rank == 0:
             ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
 
-    def is_due(self, steps_done: int, total_steps: int) -> bool:
-        return steps_done % self.cfg.train.checkpoint_interval == 0 or steps_done == total_steps
+    def is_due(self, step: int, total_steps: int) -> bool:
+        """After 0-based `step`? (gptlib's and the series' steps: metrics.is_checkpoint_step)"""
+        t = self.cfg.train
+        return is_checkpoint_step(step, total_steps, t.checkpoint_interval, t.protocol)
 
     def gather_rng_states(self) -> dict[str, list[torch.Tensor]]:
         """RNG states of every rank (a collective call), for exact resume."""
@@ -210,9 +215,13 @@ class Checkpointer:
                                     is_best)
         if self.cfg.train.keep_checkpoints > 0:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        self.ctx.log(f"checkpoint {path.name}: period loss avg {period['loss_avg']:.4f} "
-                     f"(min {period['loss_min']:.4f}, max {period['loss_max']:.4f})"
+        self.ctx.log(f"checkpoint {path.name}: period loss avg {_loss(period['loss_avg'])} "
+                     f"(min {_loss(period['loss_min'])}, max {_loss(period['loss_max'])})"
                      + (" - best so far" if is_best else ""))
+
+
+def _loss(value: float | None) -> str:
+    return "n/a (not finite)" if value is None else f"{value:.4f}"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -251,7 +260,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
     checkpointer = Checkpointer(run_dir, cfg, ctx, precision)
     log = MetricsLog(run_dir, ctx.rank, ctx.world_size, tokens_per_step,
                      SpikeDetector(t.spike_window, t.spike_threshold), reader.step_windows, start_step,
-                     bool(resume))
+                     bool(resume), t.protocol)
     if ctx.rank == 0:
         rundir.merge_summary(run_dir, {
             "status": "running", "error": None, "run_name": cfg.run_name, "scale": cfg.scale,
@@ -278,9 +287,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: str | None, ctx: RankContext) -
         set_lr(optimizer, lr)
         stats = train_step(model, optimizer, functools.partial(micro_batch, step), ga, autocast, scaler,
                            t.clipping_max_norm)
-        state.count(stats, step, lr, t.max_nonfinite_steps)
+        state.count(stats, step, lr, None if t.protocol == "series" else t.max_nonfinite_steps)
         log.add(stats, lr)
-        at_checkpoint = checkpointer.is_due(step + 1, total_steps)
+        at_checkpoint = checkpointer.is_due(step, total_steps)
         if at_checkpoint or (step + 1) % t.log_interval == 0:
             record = log.flush(step)
             if record is not None:

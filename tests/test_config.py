@@ -29,6 +29,8 @@ INTERVENTIONS = [
     "stacked-2",
     "stacked-3",
     "weight-decay-cerebras",
+    "weight-decay-cerebras-scheduling-and-increasing-learning-rate",
+    "weight-decay-cerebras-scheduling-learning-rate",
     "weight-decay-gpt2",
     "weight-tying",
 ]
