@@ -139,13 +139,20 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
                 if not available
                 else f"checkpoint '{which}': pointer {pointer} is missing"
             )
-        which = pointer.read_text().strip()
+        named = pointer.read_text(errors="replace").strip()
+        if not re.fullmatch(r"step-\d+", named):  # never a path: it must stay inside checkpoints/
+            raise CheckpointError(f"checkpoint '{which}': pointer {pointer} names {named[:80]!r}, "
+                                  "not a checkpoint of this run (step-N)")
+        which = named
     elif not re.fullmatch(r"step-\d+", which):
         raise CheckpointError(
             f"checkpoint '{which}' is not valid; allowed: latest, best, or step-N "
             f"(available: {', '.join(available) or 'none'})"
         )
     path = root / which
+    if path.is_dir() and not (path / "meta.json").is_file():
+        raise CheckpointError(f"checkpoint '{which}' in {root} is incomplete (its meta.json is "
+                              "missing): resume from another one")
     if not (path / "meta.json").is_file():
         raise CheckpointError(
             f"checkpoint '{which}' does not exist in {root}; available: "

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.microbatch_size=4")
     train.add_argument("--resume", default=None, help="latest, best or step-N")
-    train.add_argument("--run-dir", type=Path, default=None,
+    train.add_argument("--run-dir", default=None,
                        help="default outputs/<scale>/<run-name>")
     train.add_argument("--no-eval", action="store_true",
                        help="skip the test loss and smoke test after training (gptlib eval does them)")
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (gptlib.launch.Terminated)
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if type(interrupt).__name__ == "Terminated" else 130
 
 
 if __name__ == "__main__":

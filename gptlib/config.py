@@ -126,7 +126,8 @@ class TrainConfig:
         _require(self.clipping_max_norm is None or self.clipping_max_norm > 0,
                  f"train.clipping_max_norm={self.clipping_max_norm} must be > 0 (or null for no clipping)")
         _require(self.spike_threshold > 0, f"train.spike_threshold={self.spike_threshold} must be > 0")
-        _require(self.random_seed >= 0, f"train.random_seed={self.random_seed} must be >= 0")
+        _require(0 <= self.random_seed < 2**63,
+                 f"train.random_seed={self.random_seed} must be in [0, 2**63) (torch seeds are 64-bit)")
         _require(self.training_seed is None or self.training_seed >= 0,
                  f"train.training_seed={self.training_seed} must be >= 0 (or null)")
         _require(self.keep_checkpoints == -1 or self.keep_checkpoints >= 1,
@@ -232,7 +233,9 @@ class RunConfig:
 def closest_first(word: str, names: Iterable[str]) -> str:
     """The valid names, closest to ``word`` first, as one comma-separated string."""
     names = list(names)
-    close = difflib.get_close_matches(word, names, n=len(names), cutoff=0.5)
+    same = [n for n in names if n.lower() == word.lower()]  # "Baseline" -> baseline first
+    close = same + [n for n in difflib.get_close_matches(word.lower(), names, n=len(names), cutoff=0.5)
+                    if n not in same]
     return ", ".join(close + sorted(n for n in names if n not in close))
 
 

@@ -7,14 +7,12 @@ precision, dataset, token budget, resume target, an existing run), so a bad inpu
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -23,17 +21,19 @@ from pathlib import Path
 import torch
 
 from gptlib import checkpoint as ckpt
-from gptlib import paths, rundir
+from gptlib import paths, preflight, rundir
 from gptlib.config import ConfigError, RunConfig, check_world_size, config_changes
 from gptlib.data import token_budget
 from gptlib.device import pick_device, resolve_precision
 from gptlib.lifeline import WRITER_LOCK, remove_lock, try_lock
-from gptlib.model import GPTModel, count_parameters
+from gptlib.paths import short_path
 from gptlib.presets import load_config, resolve_config
 from gptlib.sources import check_vocab_size, dataset_split
 
 TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
+# torchrun's own report of a failed worker (the error itself is raised as LaunchError)
+AGENT_FAILURE = re.compile(r"E\d{4} [\d:.]+ \d+ torch/distributed/elastic/")
 LOCK_FILE = ".lock"
 
 
@@ -64,27 +64,47 @@ def prepare_run(
     overwrite: bool = False,
 ) -> tuple[RunConfig, Path, int]:
     """Resolve and validate everything, write `config.yaml`; returns (config, run dir, nproc)."""
+    overwrite = preflight.parse_bool("overwrite", overwrite)
+    run_dir = preflight.run_dir_path(run_dir) if run_dir is not None else None
     cfg = resolve_config(scale, intervention, seed=seed, overrides=overrides, nproc=nproc)
     world_size = resolve_nproc(cfg.nproc)
     check_world_size(cfg, world_size)
     if cfg.train.device == "cuda" and torch.cuda.device_count() < world_size:
         raise ConfigError(f"nproc={world_size} but only {torch.cuda.device_count()} GPUs are visible")
-    cfg.train.precision = resolve_precision(cfg.train.precision, pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    preflight.check_resources(cfg, world_size, device)
     train_split = dataset_split(cfg.train.dataset, "train")
     check_vocab_size(cfg.model.vocab_size, cfg.train.dataset)
+    preflight.check_token_ids(cfg)
+    preflight.check_eval_slice(cfg)
     t = cfg.train
     total_steps, _ = token_budget(
         t.min_train_tokens,
         cfg.tokens_per_step(world_size),
         len(train_split), t.start_train_token)
 
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    check_writable(run_dir)
+    run_dir = run_dir if run_dir is not None else default_run_dir(cfg)
+    preflight.check_writable(run_dir)
+    if not resume:
+        preflight.check_overwritable(run_dir)  # before the lock file goes into someone's folder
     lock_run_dir(run_dir)
-    check_disk_space(cfg, run_dir, total_steps)
+    try:
+        return _prepare_run_dir(cfg, run_dir, world_size, total_steps, resume, overwrite)
+    except BaseException:
+        unlock_run_dir(run_dir)
+        raise
+
+
+def _prepare_run_dir(cfg: RunConfig, run_dir: Path, world_size: int, total_steps: int,
+                     resume: str | None, overwrite: bool) -> tuple[RunConfig, Path, int]:
+    """Under the run's lock: check a resume target, or clear a finished run for --overwrite;
+    then write config.yaml."""
     config_path = run_dir / "config.yaml"
     if resume:
-        written_by = ckpt.read_meta(ckpt.resolve_checkpoint(run_dir, resume))["world_size"]
+        meta = preflight.check_resume(run_dir, resume)
+        preflight.check_disk_space(cfg, run_dir, total_steps, meta["step"])
+        written_by = meta["world_size"]
         if written_by != world_size:
             raise ConfigError(f"checkpoint {resume} of {run_dir} was written by {written_by} "
                               f"processes; resume it with --nproc {written_by}")
@@ -94,62 +114,19 @@ def prepare_run(
             raise ConfigError(f"cannot resume {run_dir}: its config.yaml differs in "
                               f"{', '.join(changed)}; resume with the same settings")
         return cfg, run_dir, world_size
-    existing = [name for name in rundir.RUN_FILES if (run_dir / name).exists()]
+    preflight.check_disk_space(cfg, run_dir, total_steps)
+    existing = preflight.check_overwritable(run_dir)
     if existing and not overwrite:
         status = rundir.read_status(run_dir)
         raise ConfigError(
             f"{run_dir} already holds a run (status: {status}); pass --resume latest to continue "
             "it or --overwrite to start again"
         )
-    for name in existing:
-        path = run_dir / name
+    for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(config_path, cfg.to_yaml())
     return cfg, run_dir, world_size
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_writable(run_dir: Path) -> None:
-    """Fail unless the run directory (or the folder it will be created in) accepts files."""
-    base = _existing_ancestor(run_dir)
-    if not base.is_dir():
-        raise ConfigError(f"run directory {run_dir}: {base} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as error:
-        raise ConfigError(f"run directory {run_dir} is not writable ({base}: {error.strerror}); "
-                          "choose another with --run-dir") from None
-
-
-def checkpoint_bytes(cfg: RunConfig) -> int:
-    """Size of one checkpoint: fp32 weights plus AdamW's two moments, plus small files."""
-    with torch.device("meta"):
-        parameters = count_parameters(GPTModel(cfg.model))
-    return 3 * 4 * parameters + 1_000_000
-
-
-def check_disk_space(cfg: RunConfig, run_dir: Path, total_steps: int) -> None:
-    """Fail when the checkpoints this run will keep (plus one being written) cannot fit."""
-    written = math.ceil(total_steps / cfg.train.checkpoint_interval)
-    keep = cfg.train.keep_checkpoints
-    kept = written if keep == -1 else min(written, keep + 1)  # + the best one
-    each = checkpoint_bytes(cfg)
-    needed = (kept + 1) * each
-    free = shutil.disk_usage(_existing_ancestor(run_dir)).free
-    if needed > free:
-        raise ConfigError(
-            f"run directory {run_dir}: the run keeps {kept} checkpoints of {each / 1e9:.2f} GB "
-            f"(needs ~{needed / 1e9:.1f} GB) but only {free / 1e9:.1f} GB is free; free space, "
-            "choose another --run-dir, or set train.keep_checkpoints=N"
-        )
 
 
 _held_locks: dict[Path, int] = {}
@@ -230,10 +207,37 @@ def launch(
     also when interrupted (KeyboardInterrupt)."""
     run_dir = Path(run_dir)
     lock_run_dir(run_dir)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         return _launch(run_dir, nproc, resume, on_line)
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         unlock_run_dir(run_dir)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the launcher: stopped like Ctrl-C, recorded as such."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _cause(tail: list[str], returncode: int) -> str:
+    """How the failed worker ended, from torchrun's report: an exit code, or a signal by name."""
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", "\n".join(tail))]
+    code = next((c for c in codes if c != 0), returncode)
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    if name == "SIGKILL":
+        return "killed by SIGKILL: if nobody killed it, probably out of memory (the kernel's OOM killer)"
+    return f"killed by {name}"
 
 
 def _launch(run_dir: Path, nproc: int, resume: str | None,
@@ -251,29 +255,38 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
     # a stalled (e.g. stopped) worker would otherwise hold it for its own 30 s SIGTERM timeout.
     watchdog = threading.Timer(FAILURE_GRACE_S, _stop, [proc])
     watchdog.daemon = True
-    try:
+    failing = False  # after a worker's error line, torchrun's own report (and tracebacks) only
+    try:             # go to the tail and the logs, not to the reader
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
             tail.append(line)
-            on_line(line)
-            if line.startswith("[rank ") and watchdog.ident is None:  # not started yet
-                watchdog.start()
+            failing = failing or bool(AGENT_FAILURE.match(line)) or line.startswith("Traceback ")
+            if not failing:
+                on_line(line)
+            if line.startswith("[rank "):
+                failing = True
+                if watchdog.ident is None:  # not started yet
+                    watchdog.start()
         returncode = proc.wait()
-    except BaseException:
+    except BaseException as error:
         _stop(proc)
-        rundir.merge_summary(run_dir, {"status": "failed", "error": "interrupted"})
+        how = "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C / SIGINT" \
+            if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+        interrupted = isinstance(error, KeyboardInterrupt)
+        rundir.merge_summary(run_dir, {"status": "interrupted" if interrupted else "failed",
+                                       "error": f"interrupted ({how})" if interrupted else how})
         raise
     finally:
         watchdog.cancel()
     _stop(proc)
     if returncode != 0:
         rank = failing_rank(list(tail))
-        log = run_dir / "logs" / f"rank-{rank}.log"
-        last = log.read_text().splitlines()[-15:] if log.exists() else list(tail)[-15:]
+        logs = run_dir / "logs" / (f"rank-{rank}.log" if rank is not None else "")
         error = next((line for line in reversed(tail) if line.startswith("[rank ")), None)
-        message = (f"training failed on rank {rank if rank is not None else '?'} "
-                   f"(exit code {returncode})" + (f": {error}" if error else ""))
+        message = (f"training failed{f' on rank {rank}' if rank is not None else ''} "
+                   f"({_cause(list(tail), returncode)})" + (f": {error}" if error else "")
+                   + f"; details in {short_path(logs)}")
         rundir.merge_summary(run_dir, {"status": "failed", "error": message})
-        raise LaunchError(message + "\nlast log lines:\n" + "\n".join(last))
+        raise LaunchError(message)
     return rundir.read_summary(run_dir)

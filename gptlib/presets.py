@@ -66,12 +66,28 @@ def list_interventions() -> list[str]:
     return sorted(p.stem for p in (config.PARAMETERS_DIR / "interventions").glob("*.yaml"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` ({} for an empty file); a parse error names the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{_named(path)}: invalid YAML: {one_line(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{_named(path)}: not UTF-8 text") from None
     except OSError as e:
         raise ConfigError(f"{_named(path)}: cannot read: {e.strerror}") from None
     if data is None:

@@ -33,7 +33,7 @@ from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
 from gptlib.display import in_kernel
 from gptlib.evals import reference_line
-from gptlib.launch import LaunchError, launch
+from gptlib.launch import AGENT_FAILURE, LaunchError, launch
 from gptlib.paths import short_path
 from gptlib.rundir import end_of_run_lines, read_summary
 from gptlib.verdicts import loss_text, sd_text
@@ -56,8 +56,6 @@ NOTEBOOK_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError)
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 RENDERER = "gptlib"
 _STEP_LINE = re.compile(r"step ([\d,]+)/([\d,]+) \|")
-# torchrun's own report of a failed worker (the error itself is raised as LaunchError)
-_AGENT_FAILURE = re.compile(r"E\d{4} [\d:.]+ \d+ torch/distributed/elastic/")
 _state = {"plotlyjs_shown": False}
 
 
@@ -184,7 +182,7 @@ class Progress:
         if self._handle is None:
             print(line, flush=True)
             return
-        self._muted = self._muted or bool(_AGENT_FAILURE.match(line))
+        self._muted = self._muted or bool(AGENT_FAILURE.match(line))
         if self._muted:
             return
         step = _STEP_LINE.match(line)

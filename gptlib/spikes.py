@@ -141,5 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not (args.run_dir / "config.yaml").is_file():
         raise ckpt.CheckpointError(f"{args.run_dir} is not a run directory (no config.yaml)")
+    if not (args.run_dir / "spikes.json").is_file():
+        raise ckpt.CheckpointError(f"{args.run_dir} has no spikes.json: the run has not logged a step "
+                                   "yet (spike detection writes it at the first progress line)")
     print(format_reports(analyse(args.run_dir, args.device), args.top, args.chars))
     return 0

@@ -20,7 +20,7 @@ from runs import cli, final_weights, micro, set_args
 from safetensors.numpy import save_file
 
 from gptlib import checkpoint as ckpt
-from gptlib import launch
+from gptlib import launch, preflight
 from gptlib.config import ConfigError
 from gptlib.device import resolve_precision
 from gptlib.metrics import read_metrics
@@ -118,7 +118,7 @@ def test_bad_dataset_gets_one_line(kind: str, dataset: Path, tmp_path: Path) -> 
 def test_not_enough_disk_for_the_checkpoints(dataset: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     sixteen_steps = micro(dataset, **{"train.min_train_tokens": 16 * 2 * 16})  # 4 checkpoints
-    each = launch.checkpoint_bytes(launch.resolve_config(overrides=sixteen_steps))
+    each = preflight.checkpoint_bytes(launch.resolve_config(overrides=sixteen_steps))
 
     class Usage:
         free = 3 * each + 1  # room for 2 checkpoints and 1 being written, not for 4
@@ -293,7 +293,7 @@ def test_interrupt_stops_every_worker(dataset: Path, tmp_path: Path) -> None:
     time.sleep(0.5)
     assert workers(run_dir) == {}
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "failed" and summary["error"] == "interrupted"
+    assert summary["status"] == "interrupted" and summary["error"] == "interrupted (Ctrl-C / SIGINT)"
 
 
 def test_killed_launcher_takes_its_workers_along(dataset: Path, tmp_path: Path) -> None:
