@@ -162,7 +162,25 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    """A checkpoint's meta.json; unreadable or garbage is one CheckpointError naming the file."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path / 'meta.json'} is not readable JSON ({type(error).__name__}); "
+                              "resume from another checkpoint") from None
+    if not isinstance(meta, dict) or not {"step", "world_size"} <= set(meta):
+        raise CheckpointError(f"{path / 'meta.json'} is not a gptlib checkpoint's meta.json")
+    return meta
+
+
+def remove_temporary_files(run_dir: Path) -> list[str]:
+    """The debris of an interrupted atomic write in the run folder (summary.json, metrics ...),
+    removed at the next start; returns the names."""
+    debris = sorted(Path(run_dir).glob(f"{TEMP_PREFIX}*"))
+    for path in debris:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    return [p.name for p in debris]
 
 
 def verify_checkpoint(path: Path) -> dict:

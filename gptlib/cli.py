@@ -53,6 +53,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.device is not None:
+        from gptlib.device import pick_device
+
+        pick_device(args.device)  # one line for a device this machine lacks, before loading anything
     if args.scale is not None:  # any model source on a scale's test slice; nothing written
         from gptlib.hub import evaluate_source
 

@@ -6,11 +6,13 @@ import contextlib
 
 import torch
 
-from gptlib.config import ConfigError, TrainConfig
+from gptlib.config import DEVICES, ConfigError, TrainConfig
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """`auto` is CUDA (this rank's GPU) where there is one, else the CPU."""
+    if requested not in DEVICES:
+        raise ConfigError(f"device {requested!r}: not allowed; allowed: {', '.join(DEVICES)}")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is available; allowed: auto, cpu")

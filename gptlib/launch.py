@@ -90,6 +90,7 @@ def prepare_run(
         preflight.check_overwritable(run_dir)  # before the lock file goes into someone's folder
     lock_run_dir(run_dir)
     try:
+        _clean(run_dir)
         return _prepare_run_dir(cfg, run_dir, world_size, total_steps, resume, overwrite)
     except BaseException:
         unlock_run_dir(run_dir)
@@ -127,6 +128,13 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, world_size: int, total_steps
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(config_path, cfg.to_yaml())
     return cfg, run_dir, world_size
+
+
+def _clean(run_dir: Path) -> None:
+    """At a start: remove what an interrupted atomic write left behind."""
+    removed = ckpt.remove_temporary_files(run_dir)
+    if removed:
+        print(f"removed the temporary files of an interrupted write: {', '.join(removed)}", file=sys.stderr)
 
 
 _held_locks: dict[Path, int] = {}

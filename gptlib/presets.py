@@ -143,7 +143,8 @@ def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
         set_key(cfg, "train", name, value, source=source)
 
     cfg["train"]["protocol"] = "series"
-    if "warmup_period_percent" not in train_json:  # the series' default, not gptlib's 5
+    if train_json.get("schedule_learning_rate") and "warmup_period_percent" not in train_json:
+        # the series' default when it schedules, not gptlib's 5 (unscheduled, it changes nothing)
         cfg["train"]["warmup_period_percent"] = 0
     # "8xa100m40-baseline": 8 processes, and the series' global batch follows from that.
     match = re.match(r"(\d+)x", run_dir.name)

@@ -65,7 +65,7 @@ def read_summary(run_dir: str | Path) -> dict:
 def merge_summary(run_dir: str | Path, values: dict) -> None:
     """Write `values` into summary.json, keeping the keys it already holds (atomic)."""
     path = Path(run_dir) / SUMMARY
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = read_summary(run_dir)  # {} for a garbage file, which this write replaces
     write_text_atomic(path, json.dumps({**previous, **values}, indent=2) + "\n")
 
 

@@ -53,6 +53,11 @@ DELTAS: dict[str, dict[str, Any]] = {
     "learning-rate-schedule": LR_SCHEDULE,
     "weight-decay-gpt2": {"train.weight_decay": 0.01},
     "weight-decay-cerebras": {"train.weight_decay": 0.33724},
+    "weight-decay-cerebras-scheduling-learning-rate": {
+        "train.weight_decay": 0.33724, "train.schedule_learning_rate": True},
+    "weight-decay-cerebras-scheduling-and-increasing-learning-rate": {
+        "train.weight_decay": 0.33724, "train.schedule_learning_rate": True,
+        "train.learning_rate": 0.0014},
     "weight-tying": {"model.tie_weights": True},
     "no-amp": {"train.precision": "fp32"},
     "stacked-1": STACKED_1,
@@ -173,6 +178,7 @@ def test_full_scale_baseline_equals_the_series() -> None:
         checkpoint_interval=617,
         min_train_tokens=3_260_190_720,
         precision="fp16",
+        protocol="series",
     )
     assert cfg.run_name == "baseline"
     check_world_size(cfg, 8)

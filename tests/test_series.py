@@ -59,14 +59,16 @@ def test_the_runs_left_out_cannot_run_at_that_commit() -> None:
 
 
 def test_a_series_run_folder_imports_with_the_series_defaults(tmp_path: Path) -> None:
-    run = tmp_path / "8xa100m40-weight-decay-cerebras"
+    run = tmp_path / "8xa100m40-scheduled-without-warmup"
     run.mkdir()
-    series = SERIES["runs"]["8xa100m40-weight-decay-cerebras"]
-    (run / "train.json").write_text(json.dumps(series["train"]))
+    series = SERIES["runs"]["8xa100m40-weight-decay-cerebras-scheduling-learning-rate"]
+    train = {k: v for k, v in series["train"].items() if k != "warmup_period_percent"}
+    (run / "train.json").write_text(json.dumps(train))
     (run / "model.json").write_text(json.dumps(series["model"]))
     cfg = presets.resolve_config(str(run))
     assert cfg.train.protocol == "series" and cfg.train.warmup_period_percent == 0  # not gptlib's 5
     assert cfg.train.weight_decay == 0.33724 and cfg.nproc == 8
+    assert lr_at(0, cfg.train, 100) == cfg.train.learning_rate  # no warm-up: the cosine from step 0
 
 
 # ------------------------------------------------------------------------------- checkpoints
