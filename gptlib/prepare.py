@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from gptlib.config import one_line
 from gptlib.data import DataError, check_positive, write_tokens_atomic
 from gptlib.display import notice
 from gptlib.tokenizer import (
@@ -235,12 +236,22 @@ def _input_files(inputs: Iterable[str | Path]) -> list[Path]:
         raise DataError("no input files (.txt or .parquet) given")
     if any(f.suffix == ".parquet" for f in files):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError("reading .parquet inputs needs pyarrow: pip install pyarrow") from e
         for f in files:
-            if f.suffix == ".parquet" and "text" not in pq.ParquetFile(f).schema_arrow.names:
-                raise DataError(f"parquet file {f} has no `text` column")
+            if f.suffix != ".parquet":
+                continue
+            try:
+                schema = pq.ParquetFile(f).schema_arrow
+            except Exception as e:  # pyarrow's ArrowInvalid, OSError ...
+                raise DataError(f"input {f} is not a readable parquet file ({one_line(e)})") from None
+            if "text" not in schema.names:
+                raise DataError(f"parquet file {f} has no `text` column (it has {', '.join(schema.names)})")
+            kind = schema.field("text").type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DataError(f"parquet file {f}: its `text` column holds {kind}, not strings")
     return files
 
 
@@ -298,6 +309,8 @@ def prepare_dataset(
     check_positive(workers=workers)
     files = _input_files(inputs)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a folder for the dataset")
 
     def say(message: str) -> None:
         if progress:

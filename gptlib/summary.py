@@ -171,6 +171,9 @@ def collect_runs(
     listed run without a directory shows as "not run"), with the published results of the scale
     (``reference_test_loss``, ``reference_delta``) when there are any."""
     base = Path(outputs_dir or OUTPUTS_DIR) / scale
+    if outputs_dir is not None and not Path(outputs_dir).is_dir():
+        raise ConfigError(f"outputs folder {outputs_dir} does not exist (outputs_dir: None is the "
+                          f"repository's {short_path(OUTPUTS_DIR)})")
     _check_scale(base, scale)
     if isinstance(runs, str) and runs != "all":
         runs = [name.strip() for name in runs.split(",") if name.strip()]

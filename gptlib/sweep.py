@@ -180,6 +180,8 @@ def sweep(
     """
     overrides = dict(overrides or {})
     outputs = Path(outputs or OUTPUTS_DIR).absolute()
+    if outputs.exists() and not outputs.is_dir():
+        raise ConfigError(f"--outputs {outputs} is a file; give the folder the runs go in")
     runs = plan(scale, interventions, seeds, overrides, nproc, outputs, every_seed)
     log(f"sweep {scale}: {len(runs)} runs ({', '.join(r.name for r in runs)}) -> {short_path(outputs)}")
     outcomes: list[RunOutcome] = []

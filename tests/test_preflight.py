@@ -157,3 +157,25 @@ def test_spikes_of_a_run_that_never_logged(dataset: Path, tmp_path: Path) -> Non
     result = cli("spikes", tmp_path / "run")
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert "has no spikes.json" in result.stderr
+
+
+def test_prepare_and_sweep_inputs_of_the_wrong_kind(tmp_path: Path) -> None:
+    import pandas as pd
+
+    from gptlib.prepare import prepare_dataset
+    from gptlib.sweep import sweep
+
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(DataError, match=r"fake.parquet is not a readable parquet file \("):
+        prepare_dataset([fake], tmp_path / "out")
+    numbers = tmp_path / "numbers.parquet"
+    pd.DataFrame({"text": [1, 2, 3]}).to_parquet(numbers)
+    with pytest.raises(DataError, match=r"numbers.parquet: its `text` column holds int64, not strings"):
+        prepare_dataset([numbers], tmp_path / "out")
+    text = tmp_path / "a.txt"
+    text.write_text("some text")
+    with pytest.raises(DataError, match=r"^--out .*a.txt is a file; give a folder"):
+        prepare_dataset([text], text)
+    with pytest.raises(ConfigError, match=r"^--outputs .*a.txt is a file"):
+        sweep("tiny", "baseline", outputs=text)

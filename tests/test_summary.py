@@ -270,5 +270,6 @@ def test_unknown_scale_and_runs_are_named(outputs: Path) -> None:
     df = summary.collect_runs(outputs, "tiny", ["no-dropuot"]).set_index("run")
     assert df.loc["no-dropuot", "status"] == "not run"
     assert df.loc["no-dropuot", "error"].endswith("closest: no-dropout")
-    empty = summary.collect_runs(outputs / "elsewhere", "gpt2-small-1gpu")  # a preset, no runs yet
-    assert empty.empty
+    assert summary.collect_runs(outputs, "gpt2-small-1gpu").empty  # a preset, no runs yet
+    with pytest.raises(ConfigError, match=r"^outputs folder .*elsewhere does not exist"):
+        summary.collect_runs(outputs / "elsewhere", "tiny")
