@@ -168,7 +168,7 @@ def read_meta(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / 'meta.json'} is not readable JSON ({type(error).__name__}); "
                               "resume from another checkpoint") from None
-    if not isinstance(meta, dict) or not {"step", "world_size"} <= set(meta):
+    if not isinstance(meta, dict) or not {"step", "files"} <= set(meta):
         raise CheckpointError(f"{path / 'meta.json'} is not a gptlib checkpoint's meta.json")
     return meta
 

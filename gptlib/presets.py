@@ -83,7 +83,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from ``path`` ({} for an empty file); a parse error names the file."""
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        loader = _UniqueKeyLoader(path.read_text())
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{_named(path)}: invalid YAML: {one_line(e)}") from None
     except UnicodeDecodeError:
