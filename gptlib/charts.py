@@ -127,9 +127,16 @@ def reference_levels(data: RunData) -> dict[str, float]:
 
 
 def _reference_lines(fig: go.Figure, data: RunData) -> None:
-    for (name, level), dash in zip(reference_levels(data).items(), ("dot", "dash", "dashdot"), strict=False):
-        fig.add_hline(y=level, line={"dash": dash, "color": "rgb(120, 120, 120)", "width": 1},
-                      annotation_text=f"{name} {level:.3f}", annotation_position="top right")
+    """Each reference level as a dashed line across the run, named in the legend (traces, not
+    shapes: Plotly places shape annotations in log10 units on a log axis)."""
+    if not data.records:
+        return
+    ends = [1, data.records[-1]["step"] + 1]
+    for (name, level), dash in zip(reference_levels(data).items(), ("dot", "dash", "dashdot"),
+                                   strict=False):
+        fig.add_scatter(x=ends, y=[level, level], mode="lines", name=f"{name} {level:.3f}",
+                        line={"dash": dash, "color": "rgb(120, 120, 120)", "width": 1},
+                        hovertemplate=f"{name}: {level:.4f}<extra></extra>")
 
 
 def loss_chart(run: str | Path | RunData) -> go.Figure:
