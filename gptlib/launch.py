@@ -66,6 +66,7 @@ def prepare_run(
     """Resolve and validate everything, write `config.yaml`; returns (config, run dir, nproc)."""
     overwrite = preflight.parse_bool("overwrite", overwrite)
     run_dir = preflight.run_dir_path(run_dir) if run_dir is not None else None
+    resume = preflight.resume_target(resume)
     cfg = resolve_config(scale, intervention, seed=seed, overrides=overrides, nproc=nproc)
     world_size = resolve_nproc(cfg.nproc)
     check_world_size(cfg, world_size)

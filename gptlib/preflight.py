@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,10 +40,22 @@ def parse_bool(name: str, value: object) -> bool:
 
 def run_dir_path(run_dir: str | Path) -> Path:
     """The run directory named, refusing an empty name (which would train into the current folder)."""
+    if not isinstance(run_dir, str | os.PathLike):
+        raise ConfigError(f"run_dir={run_dir!r}: expected a folder path as text (papermill: pass it "
+                          "with -r run_dir ... to keep it a string)")
     if not str(run_dir).strip():
         raise ConfigError("run_dir is empty: name a folder for the run (or leave it unset for "
                           "outputs/<scale>/<run-name>)")
     return Path(run_dir)
+
+
+def resume_target(resume: object) -> str | None:
+    """The checkpoint a run resumes from: None (start afresh), latest, best or step-N."""
+    if resume is None or resume == "":
+        return None
+    if not isinstance(resume, str) or not re.fullmatch(r"latest|best|step-\d+", resume):
+        raise ConfigError(f"resume={resume!r}: allowed: latest, best, step-N, or None to start afresh")
+    return resume
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -166,6 +166,8 @@ def _import_series_run(run_dir: Path, cfg: dict[str, Any]) -> None:
 
 def _split_interventions(intervention: str | list[str]) -> list[str]:
     """``"a+b"`` or ``["a", "b+c"]`` -> validated names, ``baseline`` dropped when combined."""
+    if not isinstance(intervention, str | list | tuple):
+        raise ConfigError(f"intervention: expected a name or names joined by '+', got {intervention!r}")
     spec = [intervention] if isinstance(intervention, str) else list(intervention)
     names: list[str] = []
     for part in spec:
@@ -193,8 +195,14 @@ def _split_interventions(intervention: str | list[str]) -> list[str]:
 def _parse_overrides(overrides: Mapping[str, Any] | list[str] | str) -> dict[str, Any]:
     """Overrides as ``{section: {key: value}}`` (plus ``nproc``), from dotted keys."""
     items: list[tuple[str, Any]]
+    if not isinstance(overrides, str | Mapping | list | tuple):
+        raise ConfigError(f"overrides: expected a mapping of dotted keys, e.g. "
+                          f"{{'train.learning_rate': 3e-4}}, or key=value items; got {overrides!r}")
     if isinstance(overrides, str):
-        parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
+        try:
+            parsed = yaml.safe_load(overrides) if overrides.strip().startswith("{") else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"overrides {overrides!r}: invalid YAML ({one_line(error)})") from None
         overrides = parsed if isinstance(parsed, dict) else overrides.split()
     items = list((overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)).items())
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,13 +171,21 @@ def collect_runs(
     """One row per run of ``outputs/<scale>/`` (``runs``: "all", a list of run names or "a,b"; a
     listed run without a directory shows as "not run"), with the published results of the scale
     (``reference_test_loss``, ``reference_delta``) when there are any."""
+    if not isinstance(scale, str) or not scale.strip():
+        raise ConfigError(f"scale={scale!r}: expected a scale name, e.g. tiny")
+    if outputs_dir is not None and not isinstance(outputs_dir, str | os.PathLike):
+        raise ConfigError(f"outputs_dir={outputs_dir!r}: expected a folder path as text, or None")
+    if isinstance(runs, str) and runs != "all":
+        runs = [name.strip() for name in runs.split(",") if name.strip()]
+    if runs != "all" and (not isinstance(runs, list | tuple)
+                          or not all(isinstance(name, str) for name in runs)):
+        raise ConfigError(f"runs={runs!r}: expected \"all\" or a list of run names, "
+                          "e.g. [\"baseline\", \"no-dropout\"]")
     base = Path(outputs_dir or OUTPUTS_DIR) / scale
     if outputs_dir is not None and not Path(outputs_dir).is_dir():
         raise ConfigError(f"outputs folder {outputs_dir} does not exist (outputs_dir: None is the "
                           f"repository's {short_path(OUTPUTS_DIR)})")
     _check_scale(base, scale)
-    if isinstance(runs, str) and runs != "all":
-        runs = [name.strip() for name in runs.split(",") if name.strip()]
     dirs = find_runs(outputs_dir, scale) if runs == "all" else [base / name for name in runs]
     df = pd.DataFrame([_row(d) for d in dirs], columns=COLUMNS)
     present = [d.name for d in find_runs(outputs_dir, scale)]
