@@ -168,9 +168,16 @@ def read_meta(path: Path) -> dict:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / 'meta.json'} is not readable JSON ({type(error).__name__}); "
                               "resume from another checkpoint") from None
-    if not isinstance(meta, dict) or not {"step", "files"} <= set(meta):
-        raise CheckpointError(f"{path / 'meta.json'} is not a gptlib checkpoint's meta.json")
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if (not isinstance(meta, dict) or not _is_count(meta.get("step")) or not isinstance(files, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise CheckpointError(f"{path / 'meta.json'} is not a gptlib checkpoint's meta.json "
+                              "(needs an integer step and a files map of sha256 values)")
     return meta
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def remove_temporary_files(run_dir: Path) -> list[str]:

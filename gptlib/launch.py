@@ -115,6 +115,7 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, world_size: int, total_steps
             changed = sorted(key for key, _, _ in config_changes(stored, cfg))
             raise ConfigError(f"cannot resume {run_dir}: its config.yaml differs in "
                               f"{', '.join(changed)}; resume with the same settings")
+        preflight.check_run_files(cfg, run_dir, meta, world_size, total_steps)
         return cfg, run_dir, world_size
     preflight.check_disk_space(cfg, run_dir, total_steps)
     existing = preflight.check_overwritable(run_dir)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gptlib.checkpoint import write_text_atomic
-from gptlib.rundir import METRICS, SPIKES, read_spikes
+from gptlib.rundir import METRICS, SPIKES, load_spikes
 
 # Dense peak FLOP/s per device for 16-bit (fp16/bf16) tensor-core math and for fp32 (TF32 off).
 # Sources: NVIDIA A100, H100 SXM, H200 and RTX 3090 data sheets.
@@ -165,8 +165,7 @@ class MetricsLog:
                 if not r["skipped"]:
                     detector.update(r["loss"])
             if resume:
-                self.spikes = [s for s in read_spikes(run_dir)
-                               if isinstance(s, dict) and s.get("step", start_step) < start_step]
+                self.spikes = [s for s in load_spikes(run_dir) if s["step"] < start_step]
             self.file = open(self.metrics_path, "a")
         self.last_flush_time, self.last_flush_step = math.nan, start_step  # start_clock() sets the time
 

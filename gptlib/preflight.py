@@ -20,7 +20,9 @@ from gptlib import checkpoint as ckpt
 from gptlib import rundir
 from gptlib.config import ConfigError, RunConfig
 from gptlib.data import READ_DTYPES, DataError, TokenFile, read_tokens_header
+from gptlib.metrics import read_metrics
 from gptlib.model import GPTModel, count_parameters
+from gptlib.paths import short_path
 
 FULL_PASS_TOKENS = 50_000_000  # token files up to this size get every id checked; larger ones a sample
 SAMPLE_TOKENS = 4_000_000  # ... spread over the file in 64 stretches
@@ -194,4 +196,51 @@ def check_resume(run_dir: Path, resume: str) -> dict:
     """The resume target's meta.json, its files verified (sha256) before any worker loads them."""
     path = ckpt.resolve_checkpoint(run_dir, resume)
     ckpt.verify_checkpoint(path)
-    return ckpt.read_meta(path)
+    meta = ckpt.read_meta(path)
+    count, number = (int,), (int, float)
+    expected = {"world_size": count, "skipped_total": count, "wall_time_s": number,
+                "tokens_seen": count, "best_loss": (*number, type(None)),
+                "best_step": (int, type(None)), "period": (dict,)}
+    bad = [key for key, types in expected.items()
+           if not isinstance(meta.get(key), types) or isinstance(meta.get(key), bool)]
+    if bad:
+        raise ckpt.CheckpointError(f"{path / 'meta.json'}: {', '.join(bad)} missing or of the wrong "
+                                   "type; resume from another checkpoint")
+    return meta
+
+
+METRIC_FIELDS = {"step": (int,), "tokens": (int,), "loss": (int, float, type(None)),
+                 "lr": (int, float), "grad_norm": (int, float, type(None)), "clipped": (bool,),
+                 "skipped": (bool,)}
+
+
+def check_run_files(cfg: RunConfig, run_dir: Path, meta: dict, world_size: int,
+                    total_steps: int) -> None:
+    """The files a resume carries on from agree with the checkpoint and the config: the checkpoint
+    lies within this run's steps and token count, metrics.jsonl holds one record of each step before
+    it (of this run's tokens per step), and spikes.json is a list of spikes."""
+    step, tokens_per_step = meta["step"], cfg.tokens_per_step(world_size)
+    where = f"checkpoint step-{step} of {run_dir}"
+    if step > total_steps or meta["tokens_seen"] != step * tokens_per_step:
+        raise ConfigError(f"{where} saw {meta['tokens_seen']:,} tokens in {step:,} steps, but this "
+                          f"config trains {total_steps:,} steps of {tokens_per_step:,} tokens: it "
+                          "belongs to another run")
+    path = run_dir / rundir.METRICS
+    records = [r for r in read_metrics(path) if isinstance(r, dict)]
+    before = [r for r in records if isinstance(r.get("step"), int) and r["step"] < step]
+    steps = [r["step"] for r in before]
+    if steps != list(range(step)):
+        held = f"steps {steps[0]}-{steps[-1]} ({len(steps):,} record(s))" if steps else "no records"
+        raise rundir.RunFileError(f"{short_path(path)} holds {held} before {where}, which needs one "
+                                  f"record of each of steps 0-{step - 1}: resume from another "
+                                  "checkpoint or start again with --overwrite")
+    for record in before:
+        wrong = [k for k, types in METRIC_FIELDS.items() if not isinstance(record.get(k), types)
+                 or (types != (bool,) and isinstance(record.get(k), bool))]
+        if wrong or record["tokens"] != (record["step"] + 1) * tokens_per_step:
+            raise rundir.RunFileError(
+                f"{short_path(path)}: the record of step {record['step']} "
+                + (f"has {', '.join(wrong)} missing or of the wrong type" if wrong else
+                   f"counts {record['tokens']:,} tokens, not {(record['step'] + 1) * tokens_per_step:,} "
+                   f"({tokens_per_step:,} per step in this config)"))
+    rundir.load_spikes(run_dir)

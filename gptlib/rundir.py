@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gptlib.checkpoint import write_text_atomic
-from gptlib.config import one_line
+from gptlib.config import ConfigError, one_line
 from gptlib.paths import short_path
 
 CONFIG = "config.yaml"
@@ -28,6 +28,10 @@ SUMMARY = "summary.json"
 # Files a run writes into its directory; --overwrite removes exactly these (never train.ipynb,
 # which papermill may be writing at that moment).
 RUN_FILES = (CONFIG, METRICS, SPIKES, SUMMARY, "checkpoints", "logs", "charts", "publish")
+
+
+class RunFileError(ConfigError):
+    """A run file that exists but does not hold what gptlib writes there."""
 
 
 def read_json(path: str | Path, default: object = None) -> object:
@@ -85,8 +89,42 @@ def read_status(run_dir: str | Path) -> str:
 
 
 def read_spikes(run_dir: str | Path) -> list[dict]:
+    """spikes.json's entries, leniently ([] for a missing or garbage file): for charts."""
     spikes = read_json(Path(run_dir) / SPIKES, [])
-    return spikes if isinstance(spikes, list) else []
+    return [s for s in spikes if isinstance(s, dict)] if isinstance(spikes, list) else []
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _spike_is_valid(spike: object) -> bool:
+    if not isinstance(spike, dict) or not isinstance(spike.get("step"), int):
+        return False
+    windows = spike.get("windows")
+    return (all(_number(spike.get(key)) for key in ("loss", "level", "lr"))
+            and isinstance(windows, dict)
+            and all(isinstance(w, list) and all(isinstance(i, int) for i in w)
+                    for w in windows.values()))
+
+
+def load_spikes(run_dir: str | Path) -> list[dict]:
+    """spikes.json's entries, strictly ([] when there is no file): anything but the list of spikes
+    a run writes is one RunFileError naming the file. For the spike analysis and a resume."""
+    path = Path(run_dir) / SPIKES
+    if not path.exists():
+        return []
+    try:
+        spikes = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RunFileError(f"{short_path(path)}: not readable JSON ({one_line(error)})") from None
+    if not isinstance(spikes, list):
+        raise RunFileError(f"{short_path(path)}: expected a list of spikes, got {type(spikes).__name__}")
+    bad = next((i for i, spike in enumerate(spikes) if not _spike_is_valid(spike)), None)
+    if bad is not None:
+        raise RunFileError(f"{short_path(path)}: entry {bad} is not a spike gptlib wrote (needs step, "
+                           "loss, level, lr and windows)")
+    return spikes
 
 
 def versions() -> dict:

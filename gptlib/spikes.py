@@ -11,7 +11,6 @@ the others, while an optimisation event shows them all high together.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from gptlib import checkpoint as ckpt
 from gptlib.data import BatchReader
 from gptlib.evals import load_run
 from gptlib.presets import load_config
+from gptlib.rundir import load_spikes
 from gptlib.sources import dataset_split, open_tokenizer
 
 
@@ -50,11 +50,6 @@ class SpikeReport:
         return losses[len(losses) // 2]
 
 
-def read_spikes(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "spikes.json"
-    return json.loads(path.read_text()) if path.exists() else []
-
-
 def checkpoint_before(run_dir: Path, step: int) -> str:
     """The newest checkpoint written at or before optimizer step `step` (0-based): the weights that
     step started from. The first checkpoint when the spike came earlier than any."""
@@ -78,7 +73,7 @@ def window_losses(model: torch.nn.Module, reader: BatchReader, windows: list[int
 def analyse(run_dir: str | Path, device: str | None = None) -> list[SpikeReport]:
     """Score every window of every recorded spike; windows sorted worst first."""
     run_dir = Path(run_dir)
-    spikes = read_spikes(run_dir)
+    spikes = load_spikes(run_dir)
     if not spikes:
         return []
     cfg = load_config(run_dir / "config.yaml")

@@ -101,6 +101,24 @@ def test_bad_intervention_fails_first_with_one_line(places: tuple[Path, Path],
     assert not (out / "tiny" / "no-dropuot").exists()
 
 
+@pytest.mark.parametrize(("parameters", "expected"), [
+    ({"run_dir": 5}, "run_dir=5: expected a folder path as text (papermill: pass it with -r "
+                     "run_dir ... to keep it a string)"),
+    ({"resume": True}, "resume=True: allowed: latest, best, step-N, or None to start afresh"),
+])
+def test_a_parameter_of_the_wrong_type_fails_with_one_line(places: tuple[Path, Path], dataset: Path,
+                                                           parameters: dict, expected: str) -> None:
+    out, elsewhere = places
+    with pytest.raises(PapermillExecutionError) as caught:
+        execute(TRAIN_NOTEBOOK, out / "typed.ipynb", {"overrides": micro(dataset), **parameters},
+                cwd=elsewhere)
+    assert (caught.value.ename, caught.value.evalue) == ("ConfigError", expected)
+    failed = json.loads((out / "typed.ipynb").read_text())["cells"]
+    errors = [o for c in failed if c["cell_type"] == "code" for o in c["outputs"]
+              if o["output_type"] == "error"]
+    assert [e["traceback"] for e in errors] == [[f"ConfigError: {expected}"]]
+
+
 def test_default_run_dir_is_under_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                  dataset: Path) -> None:
     assert OUTPUTS_DIR == Path(report.__file__).resolve().parent.parent / "outputs"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,81 @@ def test_prepare_and_sweep_inputs_of_the_wrong_kind(tmp_path: Path) -> None:
         prepare_dataset([text], text)
     with pytest.raises(ConfigError, match=r"^--outputs .*a.txt is a file"):
         sweep("tiny", "baseline", outputs=text)
+
+
+def test_parameters_of_the_wrong_type_are_refused_first(tmp_path: Path) -> None:
+    from gptlib import summary
+
+    for kwargs, expected in [
+        ({"intervention": 5}, "intervention: expected a name or names joined by '+', got 5"),
+        ({"overrides": 5}, "overrides: expected a mapping of dotted keys"),
+        ({"overrides": "{train.x: ["}, "overrides '{train.x: [': invalid YAML"),
+        ({"run_dir": ["a"]}, "run_dir=['a']: expected a folder path as text"),
+        ({"resume": "newest"}, "resume='newest': allowed: latest, best, step-N"),
+        ({"resume": 5}, "resume=5: allowed: latest, best, step-N"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            launch.prepare_run(**kwargs)
+        assert str(caught.value).startswith(expected), caught.value
+    for kwargs, expected in [({"scale": 5}, "scale=5: expected a scale name"),
+                             ({"runs": 5}, 'runs=5: expected "all" or a list of run names'),
+                             ({"runs": ["baseline", 5]}, "runs=['baseline', 5]: expected"),
+                             ({"outputs_dir": 5}, "outputs_dir=5: expected a folder path")]:
+        with pytest.raises(ConfigError, match="^" + re.escape(expected)):
+            summary.collect_runs(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(micro_run) -> Path:
+    """A trained micro run (20 steps; checkpoints after 4, 8 ... 20), to copy and damage."""
+    return micro_run("resume-files/run", **{"train.min_train_tokens": 20 * 2 * 16})
+
+
+def _damaged(finished_run: Path, tmp_path: Path, name: str, edit) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / name
+    path.write_text(edit(path.read_text()))
+    return run
+
+
+@pytest.mark.parametrize(("name", "edit", "expected"), [
+    ("metrics.jsonl", lambda text: "".join(text.splitlines(True)[:5]),
+     r"metrics.jsonl holds steps 0-4 \(5 record\(s\)\) before checkpoint step-20 .* needs one record "
+     r"of each of steps 0-19"),
+    ("metrics.jsonl", lambda text: "garbage\n" + text, r"metrics.jsonl holds no records before"),
+    ("metrics.jsonl", lambda text: text.replace('"skipped": false', '"skipped": 0', 1),
+     r"metrics.jsonl: the record of step 0 has skipped missing or of the wrong type"),
+    ("metrics.jsonl", lambda text: text.replace('"tokens": 64,', '"tokens": 65,'),
+     r"metrics.jsonl: the record of step 1 counts 65 tokens, not 64 \(32 per step in this config\)"),
+    ("spikes.json", lambda text: "{}", r"spikes.json: expected a list of spikes, got dict"),
+    ("spikes.json", lambda text: '[{"step": "x"}]', r"spikes.json: entry 0 is not a spike gptlib wrote"),
+    ("checkpoints/step-20/meta.json", lambda text: text.replace('"world_size": 1', '"world_size": "1"'),
+     r"step-20/meta.json: world_size missing or of the wrong type"),
+    ("checkpoints/step-20/meta.json", lambda text: text.replace('"tokens_seen": 640', '"tokens_seen": 64'),
+     r"checkpoint step-20 of .* saw 64 tokens in 20 steps, but this config trains 20 steps of 32 "
+     r"tokens: it belongs to another run"),
+    ("checkpoints/step-20/meta.json", lambda text: re.sub(r'"files": \{[^}]*\}', '"files": 3', text),
+     r"step-20/meta.json is not a gptlib checkpoint's meta.json \(needs an integer step and a files map"),
+])
+def test_a_resume_checks_its_run_files_first(finished_run: Path, tmp_path: Path, dataset: Path,
+                                             name: str, edit, expected: str) -> None:
+    run = _damaged(finished_run, tmp_path, name, edit)
+    def files() -> list:  # (the lock file the in-process training left is removed on unlock)
+        return sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")
+                      if p.name != launch.LOCK_FILE)
+
+    before = files()
+    with pytest.raises((ConfigError, ckpt.CheckpointError)) as caught:
+        launch.prepare_run(overrides=micro(dataset, **{"train.min_train_tokens": 20 * 2 * 16}),
+                           run_dir=run, resume="latest")
+    assert re.search(expected, str(caught.value)) and "\n" not in str(caught.value), caught.value
+    assert files() == before  # nothing written or removed
+
+
+def test_the_spike_command_names_a_damaged_spikes_file(finished_run: Path, tmp_path: Path) -> None:
+    run = _damaged(finished_run, tmp_path, "spikes.json", lambda text: "[1, 2]")
+    done = cli("spikes", run)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith("spikes.json: entry 0 is not a spike gptlib wrote (needs step, "
+                                        "loss, level, lr and windows)")
