@@ -51,9 +51,13 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step (temp file, fsync, rename)."""
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: leave no half-written temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(
@@ -73,6 +77,17 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        return _write_checkpoint(tmp, root, step, model, optimizer, scaler, rng_states, meta, is_best)
+    except BaseException:  # a full disk, say: free what the unfinished checkpoint took
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(tmp: Path, root: Path, step: int, model: GPTModel,
+                      optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      rng_states: dict[str, list[torch.Tensor]], meta: dict, is_best: bool) -> Path:
+    """save_checkpoint's writing, into the temporary directory `tmp`, then the renames."""
     save_weights(model, tmp / MODEL_FILE)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None:

@@ -25,7 +25,7 @@ from gptlib import paths, preflight, rundir
 from gptlib.config import ConfigError, RunConfig, check_world_size, config_changes
 from gptlib.data import token_budget
 from gptlib.device import pick_device, resolve_precision
-from gptlib.lifeline import WRITER_LOCK, remove_lock, try_lock
+from gptlib.lifeline import RUN_LOCK, WRITER_LOCK, remove_lock, try_lock
 from gptlib.paths import short_path
 from gptlib.presets import load_config, resolve_config
 from gptlib.sources import check_vocab_size, dataset_split
@@ -34,7 +34,6 @@ TERMINATE_GRACE_S = 10
 FAILURE_GRACE_S = 10
 # torchrun's own report of a failed worker (the error itself is raised as LaunchError)
 AGENT_FAILURE = re.compile(r"E\d{4} [\d:.]+ \d+ torch/distributed/elastic/")
-LOCK_FILE = ".lock"
 
 
 class LaunchError(RuntimeError):
@@ -149,10 +148,10 @@ def lock_run_dir(run_dir: Path) -> None:
     if key in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = try_lock(run_dir / LOCK_FILE)
+    fd = try_lock(run_dir / RUN_LOCK)
     if fd is None:
         try:
-            holder = (run_dir / LOCK_FILE).read_text(errors="replace").strip() or "?"
+            holder = (run_dir / RUN_LOCK).read_text(errors="replace").strip() or "?"
         except OSError:
             holder = "?"
         raise ConfigError(f"{run_dir} is in use by another run (pid {holder}); wait for it "
@@ -168,7 +167,7 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _held_locks.pop(run_dir.resolve(), None)
     if fd is not None:
         remove_lock(run_dir / WRITER_LOCK)
-        remove_lock(run_dir / LOCK_FILE, fd)
+        remove_lock(run_dir / RUN_LOCK, fd)
 
 
 def torchrun_command(run_dir: Path, nproc: int, resume: str | None = None) -> list[str]:
@@ -284,8 +283,8 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
         how = "SIGTERM" if isinstance(error, Terminated) else "Ctrl-C / SIGINT" \
             if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         interrupted = isinstance(error, KeyboardInterrupt)
-        rundir.merge_summary(run_dir, {"status": "interrupted" if interrupted else "failed",
-                                       "error": f"interrupted ({how})" if interrupted else how})
+        _record_end(run_dir, "interrupted" if interrupted else "failed",
+                    f"interrupted ({how})" if interrupted else how)
         raise
     finally:
         watchdog.cancel()
@@ -297,6 +296,16 @@ def _launch(run_dir: Path, nproc: int, resume: str | None,
         message = (f"training failed{f' on rank {rank}' if rank is not None else ''} "
                    f"({_cause(list(tail), returncode)})" + (f": {error}" if error else "")
                    + f"; details in {short_path(logs)}")
-        rundir.merge_summary(run_dir, {"status": "failed", "error": message})
-        raise LaunchError(message)
+        raise LaunchError(message + _record_end(run_dir, "failed", message))
     return rundir.read_summary(run_dir)
+
+
+def _record_end(run_dir: Path, status: str, error: str) -> str:
+    """Record how the run ended in summary.json; when even that fails (a full disk), say so in a
+    note for the error line instead of raising (the summary then reads "stopped": see
+    gptlib.summary.run_status)."""
+    try:
+        rundir.merge_summary(run_dir, {"status": status, "error": error})
+    except OSError as failure:
+        return f" (summary.json not updated: {failure.strerror or failure})"
+    return ""

@@ -27,7 +27,8 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
-WRITER_LOCK = ".writer-lock"
+RUN_LOCK = ".lock"  # held by the launcher of a run
+WRITER_LOCK = ".writer-lock"  # held by its rank-0 trainer
 
 
 def try_lock(path: Path) -> int | None:
@@ -47,6 +48,21 @@ def try_lock(path: Path) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a process holds the lock on `path` (False when there is no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+    return False
 
 
 def remove_lock(path: Path, fd: int | None = None) -> None:

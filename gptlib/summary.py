@@ -24,6 +24,7 @@ import yaml
 
 from gptlib.config import ConfigError, closest_first
 from gptlib.display import format_duration
+from gptlib.lifeline import RUN_LOCK, WRITER_LOCK, is_locked
 from gptlib.metrics import read_metrics
 from gptlib.paths import OUTPUTS_DIR, short_path
 from gptlib.rundir import read_summary
@@ -73,6 +74,9 @@ def run_status(run_dir: str | Path, summary: dict | None = None) -> tuple[str, s
     error = str(summary.get("error") or "").split("\n")[0]
     if status == "completed":
         return ("completed" if "test_loss" in summary else "completed (not evaluated)"), error
+    if status == "running" and not any(is_locked(run_dir / name) for name in (RUN_LOCK, WRITER_LOCK)):
+        return "stopped", ("summary.json still reads running, but no process holds the run (killed, "
+                           "or the disk was full): gptlib train ... --resume latest continues it")
     if status == "running":
         records = read_metrics(run_dir / "metrics.jsonl")
         return f"running (step {len(records):,}/{summary.get('total_steps', 0):,})", error

@@ -16,6 +16,7 @@ from gptlib import checkpoint as ckpt
 from gptlib import launch, preflight, presets
 from gptlib.config import ConfigError, closest_first
 from gptlib.data import DataError, write_token_file
+from gptlib.lifeline import RUN_LOCK
 
 
 def test_yes_no_parameters_are_strict() -> None:
@@ -242,7 +243,7 @@ def test_a_resume_checks_its_run_files_first(finished_run: Path, tmp_path: Path,
     run = _damaged(finished_run, tmp_path, name, edit)
     def files() -> list:  # (the lock file the in-process training left is removed on unlock)
         return sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")
-                      if p.name != launch.LOCK_FILE)
+                      if p.name != RUN_LOCK)
 
     before = files()
     with pytest.raises((ConfigError, ckpt.CheckpointError)) as caught:

@@ -80,7 +80,7 @@ BAD_CLI_INPUTS = [
     (["--nproc", "many"], r"nproc='many': not allowed"),
     (["--nproc", "2", "--set", "train.device=cuda"], r"train.device=cuda|GPUs are visible"),
     (["--resume", "step-5"], r"checkpoint 'step-5' does not exist"),
-    (["--resume", "newest"], r"checkpoint 'newest' is not valid; allowed: latest, best, or step-N"),
+    (["--resume", "newest"], r"resume='newest': allowed: latest, best, step-N, or None to start afresh"),
     (["--run-dir", "/proc/gptlib-run"], r"run directory /proc/gptlib-run is not writable"),
 ]
 
@@ -369,3 +369,53 @@ def test_resume_with_another_world_size_is_refused(dataset: Path, tmp_path: Path
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint latest of {run_dir} was written by 1 processes; resume it with --nproc 1"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 300 MB tmpfs (a disk that fills), where this machine lets the tests mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_fails_in_one_line_and_the_run_resumes(dataset: Path, small_disk: Path) -> None:
+    from gptlib import summary
+
+    run_dir, filler = small_disk / "run", small_disk / "filler"
+    overrides = micro(dataset, **{"train.min_train_tokens": 64 * 32, "train.log_interval": 1})
+    proc = start(run_dir, overrides, "--nproc", "1")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "step-4").is_dir():
+        time.sleep(0.02)
+    with open(filler, "wb") as f:  # fill the disk to the last byte
+        with pytest.raises(OSError, match="No space left on device"):
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: training failed on rank 0 \(exit code 1\): \[rank 0\] .*No space left "
+                        r"on device.*; details in .*rank-0\.log \(summary.json not updated: No space "
+                        r"left on device\)", last), last
+    # Nothing half-written is left (the unfinished checkpoint's space is freed), and the run's
+    # state reads true: not running.
+    assert not list(run_dir.rglob(f"{ckpt.TEMP_PREFIX}*"))
+    assert summary.run_status(run_dir)[0] == "stopped"
+    written = ckpt.list_checkpoints(run_dir)
+    filler.unlink()
+    resumed = cli("train", "--run-dir", run_dir, "--nproc", "1", "--resume", "latest", "--no-eval",
+                  *set_args(overrides))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after step {written[-1].split('-')[1]}" in resumed.stdout
+    assert summary.run_status(run_dir)[0] == "completed (not evaluated)"
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ import yaml
 
 from gptlib import charts, summary, verdicts
 from gptlib.config import ConfigError
+from gptlib.lifeline import RUN_LOCK, try_lock
 
 
 def make_run(outputs: Path, name: str, status: str | None, test_loss: float | None = None,
@@ -59,7 +61,16 @@ def test_every_run_is_listed_with_its_status(outputs: Path) -> None:
     assert df.loc["baseline", "status"] == "completed"
     assert df.loc["qkv-bias", "status"] == "completed (not evaluated)"
     assert df.loc["qkv-bias", "error"] == f"not evaluated: gptlib eval {outputs / 'tiny' / 'qkv-bias'}"
-    assert df.loc["weight-tying", "status"] == "running (step 3/10)"
+    # "running" on disk with no process holding the run: killed, or its last write met a full disk
+    assert df.loc["weight-tying", "status"] == "stopped"
+    assert df.loc["weight-tying", "error"].startswith("summary.json still reads running, but no "
+                                                      "process holds the run")
+    fd = try_lock(outputs / "tiny" / "weight-tying" / RUN_LOCK)  # as the run's launcher does
+    try:
+        running = summary.collect_runs(outputs, "tiny").set_index("run").loc["weight-tying"]
+        assert (running["status"], running["error"]) == ("running (step 3/10)", "")
+    finally:
+        os.close(fd)
     assert df.loc["stacked-1", "status"] == "failed"
     assert df.loc["stacked-1", "error"] == "training failed on rank 0 (exit code 1): boom"
     assert df.loc["stacked-2", "status"] == "not started"
