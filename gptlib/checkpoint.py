@@ -124,14 +124,6 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[str]:
     return doomed
 
 
-def remove_partial_checkpoints(run_dir: str | Path) -> None:
-    """Delete temporary directories left by a crash during a checkpoint write."""
-    root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for path in root.glob(f"{TEMP_PREFIX}*"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
 def list_checkpoints(run_dir: str | Path) -> list[str]:
     """Complete checkpoint names, in step order."""
     root = checkpoints_dir(run_dir)
@@ -195,13 +187,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def remove_temporary_files(run_dir: Path) -> list[str]:
-    """The debris of an interrupted atomic write in the run folder (summary.json, metrics ...),
-    removed at the next start; returns the names."""
-    debris = sorted(Path(run_dir).glob(f"{TEMP_PREFIX}*"))
+def remove_temporary_files(folder: str | Path) -> list[str]:
+    """Remove the debris an interrupted atomic write left in `folder` (a run folder's summary.json
+    or spikes.json, a checkpoints/ folder's unfinished step); returns the names removed."""
+    debris = sorted(Path(folder).glob(f"{TEMP_PREFIX}*"))
     for path in debris:
-        if path.is_file():
-            path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return [p.name for p in debris]
 
 

@@ -146,6 +146,11 @@ class TokenFile:
     def __repr__(self) -> str:
         return f"TokenFile({str(self.path)!r}, tokens={self._len:,}, dtype={self.dtype})"
 
+    def array(self) -> np.memmap:
+        """The whole file's tokens as a read-only memory map (nothing is read until indexed)."""
+        return np.memmap(self.path, dtype=self._numpy_dtype, mode="r", offset=self._offset,
+                         shape=(self._len,))
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fd": None, "_fd_pid": None}  # a descriptor does not travel
 

@@ -19,7 +19,7 @@ import torch
 from gptlib import checkpoint as ckpt
 from gptlib import rundir
 from gptlib.config import ConfigError, RunConfig
-from gptlib.data import READ_DTYPES, DataError, TokenFile, read_tokens_header
+from gptlib.data import DataError, TokenFile
 from gptlib.metrics import read_metrics
 from gptlib.model import GPTModel, count_parameters
 from gptlib.paths import short_path
@@ -160,9 +160,7 @@ def check_resources(cfg: RunConfig, world_size: int, device: torch.device) -> No
 def _ids(tokens: TokenFile) -> tuple[int, int, str]:
     """(min, max, how it was read) of a token file's ids: every id up to FULL_PASS_TOKENS, else a
     sample of SAMPLE_TOKENS in 64 stretches spread over the file."""
-    offset, info = read_tokens_header(tokens.path)
-    array = np.memmap(tokens.path, dtype=np.dtype(READ_DTYPES[info["dtype"]]).newbyteorder("<"),
-                      mode="r", offset=offset, shape=(len(tokens),))
+    array = tokens.array()
     if len(tokens) <= FULL_PASS_TOKENS:
         return int(array.min()), int(array.max()), "every id"
     stretch = SAMPLE_TOKENS // 64

@@ -181,7 +181,7 @@ class Checkpointer:
     def __init__(self, run_dir: Path, cfg: RunConfig, ctx: RankContext, precision: str):
         self.run_dir, self.cfg, self.ctx, self.precision = run_dir, cfg, ctx, precision
         if ctx.rank == 0:
-            ckpt.remove_partial_checkpoints(run_dir)  # debris of a crash during a checkpoint write
+            ckpt.remove_temporary_files(ckpt.checkpoints_dir(run_dir))  # a crash mid-checkpoint
 
     def is_due(self, step: int, total_steps: int) -> bool:
         """After 0-based `step`? (gptlib's and the series' steps: metrics.is_checkpoint_step)"""

@@ -135,9 +135,12 @@ def test_failed_checkpoint_write_keeps_previous_latest(dataset: Path, tmp_path: 
     assert loaded_meta["step"] == 4
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
                                                  model.state_dict().values(), strict=True))
-    assert list((tmp_path / "checkpoints").glob(".tmp-*"))  # the debris exists until cleaned
-    ckpt.remove_partial_checkpoints(tmp_path)
-    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # a failed write frees its space
+    killed = tmp_path / "checkpoints" / ".tmp-step-8.4242"  # what a SIGKILL mid-write leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    assert ckpt.remove_temporary_files(tmp_path / "checkpoints") == [killed.name]
+    assert not killed.exists()
 
 
 def test_edited_checkpoint_is_detected(dataset: Path, tmp_path: Path) -> None:
