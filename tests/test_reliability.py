@@ -386,7 +386,9 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_fails_in_one_line_and_the_run_resumes(dataset: Path, small_disk: Path) -> None:
+@pytest.mark.parametrize("left_mb", [0, 20])  # 20 MB: a checkpoint (39 MB) does not fit
+def test_a_full_disk_fails_in_one_line_and_the_run_resumes(dataset: Path, small_disk: Path,
+                                                           left_mb: int) -> None:
     from gptlib import summary
 
     run_dir, filler = small_disk / "run", small_disk / "filler"
@@ -400,17 +402,23 @@ def test_a_full_disk_fails_in_one_line_and_the_run_resumes(dataset: Path, small_
             while True:
                 f.write(b"\0" * (1 << 20))
                 f.flush()
+    os.truncate(filler, filler.stat().st_size - left_mb * (1 << 20))
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: training failed on rank 0 \(exit code 1\): \[rank 0\] .*No space left "
-                        r"on device.*; details in .*rank-0\.log \(summary.json not updated: No space "
-                        r"left on device\)", last), last
-    # Nothing half-written is left (the unfinished checkpoint's space is freed), and the run's
-    # state reads true: not running.
+                        r"on device.*; details in .*rank-0\.log" + (
+                            r" \(summary.json not updated: No space left on device\)" if not left_mb
+                            else ""), last), last
+    # Nothing half-written is left (an unfinished checkpoint's space is freed), and the run's
+    # state reads true: failed with the reason where summary.json could take it, else stopped.
     assert not list(run_dir.rglob(f"{ckpt.TEMP_PREFIX}*"))
-    assert summary.run_status(run_dir)[0] == "stopped"
+    status, error = summary.run_status(run_dir)
+    if left_mb:
+        assert (status, error) == ("failed", last.removeprefix("error: "))
+    else:
+        assert status == "stopped" and "no process holds the run" in error
     written = ckpt.list_checkpoints(run_dir)
     filler.unlink()
     resumed = cli("train", "--run-dir", run_dir, "--nproc", "1", "--resume", "latest", "--no-eval",
