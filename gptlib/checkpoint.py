@@ -8,6 +8,7 @@ half-written directory is never picked up by a resume.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -79,8 +80,13 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         return _write_checkpoint(tmp, root, step, model, optimizer, scaler, rng_states, meta, is_best)
-    except BaseException:  # a full disk, say: free what the unfinished checkpoint took
+    except BaseException as error:  # a full disk, say: free what the unfinished checkpoint took
+        disk_full = isinstance(error, Exception) and (
+            getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(root).free < 1 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full:  # torch.save reports it as "unexpected pos ...": say what happened
+            raise CheckpointError(f"checkpoint step-{step} could not be written: the disk holding "
+                                  f"{root} is full; free space, then resume with --resume latest") from error
         raise
 
 

@@ -33,7 +33,7 @@ from gptlib.config import ConfigError, RunConfig
 from gptlib.data import DataError
 from gptlib.display import in_kernel
 from gptlib.evals import reference_line
-from gptlib.launch import AGENT_FAILURE, LaunchError, launch
+from gptlib.launch import LaunchError, launch
 from gptlib.paths import short_path
 from gptlib.rundir import end_of_run_lines, read_summary
 from gptlib.verdicts import loss_text, sd_text
@@ -145,8 +145,8 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 class Progress:
     """Training output as ONE display, updated in place: the lines before training, a progress
     bar with the latest step line, the latest checkpoint line, then the lines after (the
-    end-of-run lines). torchrun's own report of a failure is left out (the LaunchError that
-    follows names the rank and the cause). Every checkpoint line and the step line at each tenth
+    end-of-run lines); `gptlib.launch` passes on no line of torchrun's own failure report. Every
+    checkpoint line and the step line at each tenth
     of the run are also printed, so ``papermill --log-output`` shows progress in the terminal.
     Outside a notebook every line is printed as it comes.
 
@@ -162,7 +162,6 @@ class Progress:
         self.keep = keep
         self._last_update = 0.0
         self._tenth = 0
-        self._muted = False
         self._handle = _display({"text/plain": "starting ..."}, display_id=True) \
             if in_kernel() else None
 
@@ -181,9 +180,6 @@ class Progress:
         """Take one output line of the training run."""
         if self._handle is None:
             print(line, flush=True)
-            return
-        self._muted = self._muted or bool(AGENT_FAILURE.match(line))
-        if self._muted:
             return
         step = _STEP_LINE.match(line)
         routine = bool(step)

@@ -391,12 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg, run_dir, args.resume, ctx)
     except BaseException as error:
-        ctx.log("".join(traceback.format_exception(error)).rstrip(), console=False)
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         if monitor is not None and "timed out" in str(error).lower().replace("timeout", "timed out"):
             message = f"{unresponsive_ranks(monitor, cfg.train.collective_timeout_s)} ({message})"
         print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
-        ctx.log(f"[rank {rank}] {message}", console=False)
+        with contextlib.suppress(OSError):  # the log too may sit on the disk that is full
+            ctx.log("".join(traceback.format_exception(error)).rstrip(), console=False)
+            ctx.log(f"[rank {rank}] {message}", console=False)
         raise SystemExit(1) from None
     finally:
         dist.destroy_process_group()

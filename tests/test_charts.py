@@ -141,23 +141,6 @@ def test_progress_keeps_one_display_with_the_final_state() -> None:
     assert len(progress._handle.shown) == 5  # throttled: the second step line waits for the end
 
 
-def test_progress_leaves_out_torchruns_failure_report() -> None:
-    class Handle:
-        text = ""
-
-        def update(self, bundle: dict, raw: bool) -> None:
-            self.text = bundle["text/plain"]
-
-    progress = report.Progress()
-    progress._handle = Handle()
-    with progress:
-        for line in ["Run tiny/explode: 1 parameters", "[rank 0] TrainingError: boom",
-                     "E1127 14:32:48.836000 11475 torch/distributed/elastic/multiprocessing/api.py"
-                     ":1002] failed (exitcode: 1)", "Traceback (most recent call last):"]:
-            progress.update(line)
-    assert progress._handle.text == "Run tiny/explode: 1 parameters\n[rank 0] TrainingError: boom"
-
-
 def test_papermill_handler_creates_the_output_folder(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import papermill.iorw  # noqa: F401  # as papermill runs: it loads our entry point itself
